@@ -1,0 +1,85 @@
+"""Shared layer constructors with logical axis names on every parameter.
+
+Conventions used by all model files:
+- Activations are channels-last (NHWC for images, (B, L, D) for text).
+- Parameter names mirror the released PyTorch checkpoints so that convert.py maps
+  them one-to-one: Dense kernels are [in, out] (torch weight transposed), conv
+  kernels are [kh, kw, in, out] (torch weight permuted 2, 3, 1, 0).
+- Logical axis names (mapped to mesh axes by rules in the config):
+  "embed" model width, "heads" attention projection width (heads * head_dim),
+  "mlp" feed-forward width, "vocab" embedding rows, "conv_in"/"conv_out" conv
+  channels, "norm" LayerNorm/GroupNorm vectors; spatial kernel dims are None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., Any]
+
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str | None = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = TORCH_LINEAR_INIT,
+    bias_init: Initializer = nn.initializers.zeros,
+) -> nn.Dense:
+    """nn.Dense whose kernel carries logical axes `axes` = (in_axis, out_axis)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: Sequence[int],
+    *,
+    strides: int = 1,
+    padding: Any = "SAME",
+    name: str | None = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = TORCH_LINEAR_INIT,
+    bias_init: Initializer = nn.initializers.zeros,
+) -> nn.Conv:
+    """nn.Conv (NHWC, kernel [kh, kw, in, out]) with logical axes on its params."""
+    return nn.Conv(
+        features,
+        tuple(kernel_size),
+        strides=strides,
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(bias_init, ("conv_out",)),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, *, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm with float32 params named scale/bias on the "norm" axis."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )

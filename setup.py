@@ -1,0 +1,33 @@
+"""glipjax: grounded language-image pre-training (GLIP) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="glipjax",
+    version="0.1.0",
+    description="GLIP-style grounded language-image models in JAX/Flax: train, evaluate, predict.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["glipjax", "glipjax.*"]),
+    install_requires=[
+        "jax>=0.5.0",  # jax.make_mesh, jax.sharding.NamedSharding, jax.export
+        "flax>=0.10.0,<0.13",  # Linen API with nn.with_logical_partitioning
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.11.0",  # CheckpointManager with args-based save/restore
+        "ml-collections>=0.1.1",
+        "transformers>=4.40",  # fast tokenizers (offsets, char_to_token)
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6"],
+        "eval": ["pycocotools>=2.0.8"],
+        # torch: the CPU build, only for parity tests against PyTorch references.
+        "test": ["pytest>=8.0", "torch==2.13.0"],
+        "gpu": ["jax[cuda12]>=0.5.0"],
+        "tpu": ["jax[tpu]>=0.5.0"],
+    },
+)
