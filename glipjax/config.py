@@ -1,43 +1,128 @@
-"""Loading ml_collections configs: `path.py[:arg]` plus `--config.a.b=value` overrides.
+"""Configs: ml_collections files selected as `path.py[:variant]`, plus field overrides.
 
-Every config file defines `get_config(arg: str | None = None) -> ConfigDict`. The
-command line goes through ml_collections' config flags, so an unknown field or a
-value of the wrong type stops with an error that names the field.
+Every config file defines `get_config(arg: str | None = None) -> ConfigDict`. Every
+command takes `--config configs/demo.py:tiny` and any number of overrides
+`--config.train.steps=100` (or `--config.train.steps 100`). An unknown field, an
+unknown variant or a value of the wrong type stops with a ConfigError that names it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import argparse
+import ast
+import importlib.util
+import pathlib
+from typing import Any, Sequence
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
+
+OVERRIDE_PREFIX = "--config."
 
 
 class ConfigError(ValueError):
     """A config file, variant or override that cannot be applied."""
 
 
-def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
-    """Defines --config (with --config.<field>=value overrides) for an absl program."""
-    return config_flags.DEFINE_config_file(
-        "config", None, "Config file, optionally with a variant: configs/demo.py:tiny.",
-        flag_values=flag_values, lock_config=True,
-    )
+def _load_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"glipjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg)")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:  # configs raise ValueError for an unknown variant
+        raise ConfigError(f"{spec}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _parse_value(field: str, old: Any, text: str) -> Any:
+    if isinstance(old, str):
+        return text
+    if isinstance(old, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{field}: expected a bool (true/false), got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if old is None:
+        return value
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(old)(value)
+    if type(value) is not type(old):
+        raise ConfigError(
+            f"--config.{field}: expected {type(old).__name__} (current value {old!r}), got {text!r}"
+        )
+    return value
+
+
+def apply_override(config: ml_collections.ConfigDict, field: str, text: str) -> None:
+    """Sets `config.<field>` (a dotted path) from its command-line text."""
+    *parents, leaf = field.split(".")
+    node = config
+    for i, key in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            raise ConfigError(f"Unknown config field: {'.'.join(parents[: i + 1])}")
+        node = node[key]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        raise ConfigError(f"Unknown config field: {field}" + (f" (known here: {known})" if known else ""))
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{field} is a group of fields; override one of its fields")
+    with node.unlocked():
+        node[leaf] = _parse_value(field, node[leaf], text)
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    body = item[len(OVERRIDE_PREFIX):] if item.startswith(OVERRIDE_PREFIX) else item
+    field, eq, text = body.partition("=")
+    if not eq:
+        raise ConfigError(f"Override {item!r} has no value; write --config.{field}=VALUE")
+    return field, text
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `spec` ("configs/demo.py" or "configs/demo.py:tiny") and applies
-    overrides given as command-line strings ("--config.train.steps=10" or
-    "train.steps=10")."""
-    fv = flags.FlagValues()
-    holder = define_config_flag(fv)
-    argv = ["glipjax", f"--config={spec}"]
+    """Loads `spec` ("configs/demo.py" or "configs/demo.py:tiny") and applies overrides
+    ("--config.train.steps=10" or "train.steps=10")."""
+    config = _load_file(spec)
     for item in overrides:
-        item = item if item.startswith("--") else f"--config.{item}"
-        argv.append(item)
+        apply_override(config, *_split_override(item))
+    config.lock()
+    return config
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """Parses a command's flags plus `--config SPEC` and `--config.field=value` overrides.
+
+    The parser must not define --config itself. Exits with a one-line message on a
+    config error, like argparse does for its own flags.
+    """
+    parser.add_argument("--config", required=True, help="config file[:variant], e.g. configs/demo.py:tiny")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:  # "--config.a=1" or "--config.a" "1"
+        if item.startswith(OVERRIDE_PREFIX):
+            overrides.append(item)
+        elif overrides and "=" not in overrides[-1]:
+            overrides[-1] += "=" + item
+        else:
+            parser.error(f"unrecognized argument: {item}")
     try:
-        fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from e
-    return holder.value
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    return args, config
