@@ -1,0 +1,304 @@
+"""Released PyTorch weights <-> glipjax parameters through one table of rules.
+
+A Rule pairs a torch name template with a Flax path template and an array transform;
+"{x}" in a template stands for an integer index that both sides share, e.g.
+"encoder.layer.{i}.attention.self.query.weight" <-> "encoder/layer_{i}/attention/self/query/kernel".
+A RuleSet is a section of the table (BERT, BERT layer, Swin, FPN, ...); `under` nests a
+section beneath a prefix, so the same BERT-layer rules serve a plain Hugging Face
+checkpoint and GLIP's head. `RULES` holds every section. The same rules run both ways:
+`from_torch` (torch state dict -> params) and `to_torch` (params -> torch-named numpy).
+
+Weights are read without running pickled code (safetensors, or torch.load with
+weights_only=True). Missing, unexpected and mis-shaped keys are collected and reported
+together in one ConversionError; recognised non-parameters (buffers such as
+relative_position_index and position_ids, an unused pooler) are listed as `ignore`.
+Importing this module imports neither torch nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+
+from glipjax.models.bert import BertConfig, BertLayer, BertModel
+
+Array = np.ndarray
+StateDict = dict[str, Array]
+Params = dict[str, Any]
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class ConversionError(ValueError):
+    """Checkpoint keys that do not fit the model: every problem, by name, in one message."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), note: str = ""):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        parts = [note] if note else []
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected),
+                             ("shape mismatch", self.mismatched)):
+            if items:
+                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+        super().__init__("\n".join(parts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How a torch array becomes a Flax array and back."""
+
+    name: str
+    to_flax: Callable[[Array], Array]
+    to_torch: Callable[[Array], Array]
+
+
+IDENTITY = Transform("identity", lambda a: a, lambda a: a)
+LINEAR = Transform("linear", lambda a: a.T, lambda a: a.T)  # [out, in] <-> [in, out]
+CONV = Transform(  # [out, in, kh, kw] <-> [kh, kw, in, out]
+    "conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(template: str) -> re.Pattern:
+    parts = _PLACEHOLDER.split(template)
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts))
+    return re.compile(regex + r"\Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch: str
+    flax: str
+    transform: Transform = IDENTITY
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleSet:
+    """A section of the table: rules plus torch name templates that are recognised and
+    deliberately not loaded (buffers, unused heads)."""
+
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = ()
+
+    def __add__(self, other: "RuleSet") -> "RuleSet":
+        return RuleSet(self.rules + other.rules, self.ignore + other.ignore)
+
+    def under(self, torch_prefix: str, flax_prefix: str) -> "RuleSet":
+        """This section nested under prefixes, e.g. ("encoder.layer.{i}.", "encoder/layer_{i}/")."""
+        return RuleSet(
+            tuple(Rule(torch_prefix + r.torch, flax_prefix + r.flax, r.transform) for r in self.rules),
+            tuple(torch_prefix + t for t in self.ignore),
+        )
+
+    def ignores(self, name: str) -> bool:
+        return any(_pattern(t).match(name) for t in self.ignore)
+
+    def torch_to_flax(self, name: str) -> tuple[str, Transform] | None:
+        for rule in self.rules:
+            m = _pattern(rule.torch).match(name)
+            if m:
+                return rule.flax.format(**m.groupdict()), rule.transform
+        return None
+
+    def flax_to_torch(self, path: str) -> tuple[str, Transform] | None:
+        for rule in self.rules:
+            m = _pattern(rule.flax).match(path)
+            if m:
+                return rule.torch.format(**m.groupdict()), rule.transform
+        return None
+
+
+def linear(torch: str, flax: str, bias: bool = True) -> RuleSet:
+    rules = (Rule(f"{torch}.weight", f"{flax}/kernel", LINEAR),)
+    return RuleSet(rules + ((Rule(f"{torch}.bias", f"{flax}/bias"),) if bias else ()))
+
+
+def conv(torch: str, flax: str) -> RuleSet:
+    return RuleSet((Rule(f"{torch}.weight", f"{flax}/kernel", CONV), Rule(f"{torch}.bias", f"{flax}/bias")))
+
+
+def norm(torch: str, flax: str) -> RuleSet:
+    """LayerNorm / GroupNorm: weight -> scale, bias -> bias."""
+    return RuleSet((Rule(f"{torch}.weight", f"{flax}/scale"), Rule(f"{torch}.bias", f"{flax}/bias")))
+
+
+def embedding(torch: str, flax: str) -> RuleSet:
+    return RuleSet((Rule(f"{torch}.weight", f"{flax}/embedding"),))
+
+
+def param(torch: str, flax: str) -> RuleSet:
+    """A bare parameter copied as is."""
+    return RuleSet((Rule(torch, flax),))
+
+
+def ignored(*templates: str) -> RuleSet:
+    return RuleSet((), tuple(templates))
+
+
+def _sections(*sections: RuleSet) -> RuleSet:
+    return functools.reduce(lambda a, b: a + b, sections)
+
+
+# ----------------------------------------------------------------------------- the table
+
+BERT_LAYER_RULES = _sections(
+    linear("attention.self.query", "attention/self/query"),
+    linear("attention.self.key", "attention/self/key"),
+    linear("attention.self.value", "attention/self/value"),
+    linear("attention.output.dense", "attention/output/dense"),
+    norm("attention.output.LayerNorm", "attention/output/LayerNorm"),
+    linear("intermediate.dense", "intermediate/dense"),
+    linear("output.dense", "output/dense"),
+    norm("output.LayerNorm", "output/LayerNorm"),
+)
+
+BERT_RULES = _sections(
+    embedding("embeddings.word_embeddings", "embeddings/word_embeddings"),
+    embedding("embeddings.position_embeddings", "embeddings/position_embeddings"),
+    embedding("embeddings.token_type_embeddings", "embeddings/token_type_embeddings"),
+    norm("embeddings.LayerNorm", "embeddings/LayerNorm"),
+    BERT_LAYER_RULES.under("encoder.layer.{i}.", "encoder/layer_{i}/"),
+    # position_ids is a buffer; GLIP uses no pooler (HF checkpoints carry one).
+    ignored("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"),
+)
+
+RULES: dict[str, RuleSet] = {
+    "bert": BERT_RULES,
+    "bert_layer": BERT_LAYER_RULES,
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Reads a .safetensors, .pth/.pt or .bin file into {name: numpy array} without
+    running pickled code. A GLIP training checkpoint's "model" entry is unwrapped."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if not path.endswith((".pth", ".pt", ".bin")):
+        raise ConversionError(note=f"Unknown checkpoint format {path!r} (want .safetensors, .pth, .pt, .bin).")
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(note=f"{path}: entries that are not tensors: {bad}")
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in obj.items()}
+
+
+def strip_module_prefix(state_dict: Mapping[str, Array]) -> StateDict:
+    """Drops the "module." prefix that data-parallel wrappers add to every key."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def abstract_params(module: Any, *args: Any) -> Params:
+    """Shapes and dtypes of module.init(rng, *args)["params"], without computing them."""
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)
+    return meta.unbox(variables["params"])
+
+
+# ----------------------------------------------------------------------------- both ways
+
+
+def from_torch(
+    state_dict: Mapping[str, Array], rules: RuleSet, expected: Params, prefix: str = ""
+) -> Params:
+    """Converts the keys of `state_dict` that start with `prefix` into a params tree
+    shaped like `expected` (arrays or jax.ShapeDtypeStruct leaves). Keys outside the
+    prefix belong to other parts and are left alone; within it, every key must map to
+    an expected parameter of the right shape and every expected parameter must be
+    found, otherwise ConversionError lists all problems."""
+    state_dict = strip_module_prefix(state_dict)
+    want = traverse_util.flatten_dict(expected, sep="/")
+    found: dict[str, Array] = {}
+    unexpected, mismatched, seen = [], [], set()
+    for key in sorted(state_dict):
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if rules.ignores(name):
+            continue
+        hit = rules.torch_to_flax(name)
+        if hit is None or hit[0] not in want:
+            unexpected.append(key)
+            continue
+        path, transform = hit
+        seen.add(path)
+        value = transform.to_flax(np.asarray(state_dict[key]))
+        if value.shape != tuple(want[path].shape):
+            mismatched.append(
+                f"{key}: torch {tuple(np.shape(state_dict[key]))} -> {path} {value.shape}, "
+                f"expected {tuple(want[path].shape)}"
+            )
+            continue
+        found[path] = value.astype(want[path].dtype)
+    missing = []
+    for path in sorted(set(want) - seen):
+        hit = rules.flax_to_torch(path)
+        missing.append(f"{prefix}{hit[0]} (for {path})" if hit else f"{path} (no rule)")
+    if missing or unexpected or mismatched:
+        note = "" if any(k.startswith(prefix) for k in state_dict) else f"No key starts with {prefix!r}."
+        raise ConversionError(missing, unexpected, mismatched, note)
+    return traverse_util.unflatten_dict(found, sep="/")
+
+
+def to_torch(params: Params, rules: RuleSet, prefix: str = "") -> StateDict:
+    """Params (plain or logically boxed) -> {torch name: numpy array}, the inverse of
+    from_torch. Raises ConversionError for a parameter that no rule covers."""
+    flat = traverse_util.flatten_dict(meta.unbox(params), sep="/")
+    out, unmapped = {}, []
+    for path, value in flat.items():
+        hit = rules.flax_to_torch(path)
+        if hit is None:
+            unmapped.append(path)
+            continue
+        out[prefix + hit[0]] = hit[1].to_torch(np.asarray(value))
+    if unmapped:
+        raise ConversionError(unexpected=unmapped, note="Parameters without a torch name:")
+    return out
+
+
+# ----------------------------------------------------------------------------- per model
+
+
+def _auto_bert_prefix(state_dict: Mapping[str, Array]) -> str:
+    keys = strip_module_prefix(state_dict)
+    return "bert." if any(k.startswith("bert.") for k in keys) else ""
+
+
+def bert_params_from_torch(
+    state_dict: Mapping[str, Array], config: BertConfig, prefix: str | None = None
+) -> Params:
+    """A Hugging Face BertModel state dict -> BertModel params. prefix None picks "bert."
+    when the keys carry it (task-head checkpoints), else ""; GLIP's language model is
+    under "language_backbone.body.model."."""
+    if prefix is None:
+        prefix = _auto_bert_prefix(state_dict)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    expected = abstract_params(BertModel(config), ids, ids)
+    return from_torch(state_dict, BERT_RULES, expected, prefix)
+
+
+def bert_layer_params_from_torch(
+    state_dict: Mapping[str, Array], config: BertConfig, prefix: str
+) -> Params:
+    """One BERT layer (e.g. GLIP's "rpn.head.dyhead_tower.1.") -> BertLayer params."""
+    expected = abstract_params(
+        BertLayer(config), jnp.zeros((1, 1, config.hidden_size)), jnp.ones((1, 1), jnp.int32)
+    )
+    return from_torch(state_dict, BERT_LAYER_RULES, expected, prefix)
