@@ -134,7 +134,7 @@ def multilabel_nms(
     loop runs once per valid box.
     """
     _check_boxes(boxes, "boxes")
-    if boxes.ndim != 2 or scores.shape != boxes.shape[:1] or labels.shape != scores.shape or valid.shape != scores.shape:
+    if boxes.ndim != 2 or not scores.shape == labels.shape == valid.shape == boxes.shape[:1]:
         raise ValueError(
             "multilabel_nms expects boxes (K, 4) and scores, labels, valid of shape (K,); got "
             f"{boxes.shape}, {scores.shape}, {labels.shape}, {valid.shape}."

@@ -165,7 +165,7 @@ def atss_assign(
         raise ValueError(f"anchors must be (A, 4) with A = sum(level_sizes) = {sum(level_sizes)}; got {anchors.shape}.")
     if gt_boxes.ndim != 3 or gt_boxes.shape[-1] != 4:
         raise ValueError(f"gt_boxes must be (B, G, 4); got {gt_boxes.shape}.")
-    if gt_mask.shape != gt_boxes.shape[:2] or gt_positive_map.shape[:2] != gt_boxes.shape[:2] or gt_positive_map.ndim != 3:
+    if gt_positive_map.ndim != 3 or not gt_mask.shape == gt_positive_map.shape[:2] == gt_boxes.shape[:2]:
         raise ValueError(
             f"gt_mask must be (B, G) and gt_positive_map (B, G, L) for gt_boxes {gt_boxes.shape}; "
             f"got {gt_mask.shape} and {gt_positive_map.shape}."
