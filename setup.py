@@ -19,11 +19,13 @@ setup(
         "transformers>=4.40",  # fast tokenizers (offsets, char_to_token)
         "safetensors>=0.4",
         "numpy>=1.26",
-        "pillow>=10.0",
+        "pillow>=10.1",  # ImageFont.load_default(size=...)
         "pyyaml>=6.0",
     ],
     extras_require={
-        "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6"],
+        # importlib_resources: imported by tensorflow-datasets' builders but not
+        # declared by it on Python >= 3.9 (tensorflow/datasets#11212).
+        "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6", "importlib_resources"],
         "eval": ["pycocotools>=2.0.8"],
         # torch: the CPU build, only for parity tests against PyTorch references.
         "test": ["pytest>=8.0", "torch==2.13.0"],

@@ -1,0 +1,4 @@
+"""Input data: the bundled shapes generator (numpy + PIL) and TFDS builders.
+
+Importing this package does not import TensorFlow; glipjax.data.builders does.
+"""

@@ -1,0 +1,1 @@
+"""TFDS builders, one module per dataset (importing a module registers its builder)."""
