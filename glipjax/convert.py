@@ -30,6 +30,8 @@ from flax import traverse_util
 from flax.core import meta
 
 from glipjax.models.bert import BertConfig, BertLayer, BertModel
+from glipjax.models.fpn import FPN
+from glipjax.models.swin import SwinConfig, SwinTransformer
 
 Array = np.ndarray
 StateDict = dict[str, Array]
@@ -122,8 +124,9 @@ def linear(torch: str, flax: str, bias: bool = True) -> RuleSet:
     return RuleSet(rules + ((Rule(f"{torch}.bias", f"{flax}/bias"),) if bias else ()))
 
 
-def conv(torch: str, flax: str) -> RuleSet:
-    return RuleSet((Rule(f"{torch}.weight", f"{flax}/kernel", CONV), Rule(f"{torch}.bias", f"{flax}/bias")))
+def conv(torch: str, flax: str, bias: bool = True) -> RuleSet:
+    rules = (Rule(f"{torch}.weight", f"{flax}/kernel", CONV),)
+    return RuleSet(rules + ((Rule(f"{torch}.bias", f"{flax}/bias"),) if bias else ()))
 
 
 def norm(torch: str, flax: str) -> RuleSet:
@@ -171,9 +174,44 @@ BERT_RULES = _sections(
     ignored("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"),
 )
 
+SWIN_BLOCK_RULES = _sections(
+    norm("norm1", "norm1"),
+    linear("attn.qkv", "attn/qkv"),  # fused q|k|v, kept fused
+    linear("attn.proj", "attn/proj"),
+    param("attn.relative_position_bias_table", "attn/relative_position_bias_table"),
+    norm("norm2", "norm2"),
+    linear("mlp.fc1", "mlp/fc1"),
+    linear("mlp.fc2", "mlp/fc2"),
+    ignored("attn.relative_position_index"),  # buffer, recomputed
+)
+
+# Microsoft / GLIP naming, relative to "backbone.body.".
+SWIN_RULES = _sections(
+    conv("patch_embed.proj", "patch_embed/proj"),
+    norm("patch_embed.norm", "patch_embed/norm"),
+    SWIN_BLOCK_RULES.under("layers.{s}.blocks.{b}.", "layers_{s}/blocks_{b}/"),
+    norm("layers.{s}.downsample.norm", "layers_{s}/downsample/norm"),
+    linear("layers.{s}.downsample.reduction", "layers_{s}/downsample/reduction", bias=False),
+    norm("norm{s}", "norm{s}"),
+)
+
+# Relative to "backbone.fpn.".
+FPN_RULES = _sections(
+    conv("fpn_inner{k}", "fpn_inner{k}"),
+    conv("fpn_layer{k}", "fpn_layer{k}"),
+    conv("top_blocks.p6", "top_blocks/p6"),
+    conv("top_blocks.p7", "top_blocks/p7"),
+)
+
+# Relative to "rpn.anchor_generator.": the anchors are recomputed from the config.
+ANCHOR_GENERATOR_RULES = ignored("cell_anchors.{i}")
+
 RULES: dict[str, RuleSet] = {
     "bert": BERT_RULES,
     "bert_layer": BERT_LAYER_RULES,
+    "swin": SWIN_RULES,
+    "fpn": FPN_RULES,
+    "anchor_generator": ANCHOR_GENERATOR_RULES,
 }
 
 
@@ -302,3 +340,78 @@ def bert_layer_params_from_torch(
         BertLayer(config), jnp.zeros((1, 1, config.hidden_size)), jnp.ones((1, 1), jnp.int32)
     )
     return from_torch(state_dict, BERT_LAYER_RULES, expected, prefix)
+
+
+def swin_params_from_torch(
+    state_dict: Mapping[str, Array], config: SwinConfig, prefix: str = "backbone.body."
+) -> Params:
+    """Microsoft/GLIP-named Swin weights -> SwinTransformer params (GLIP checkpoints keep
+    them under "backbone.body."; a bare Swin checkpoint uses prefix "")."""
+    expected = abstract_params(SwinTransformer(config), jnp.zeros((1, 32, 32, 3)))
+    return from_torch(state_dict, SWIN_RULES, expected, prefix)
+
+
+def fpn_params_from_torch(
+    state_dict: Mapping[str, Array],
+    in_channels: tuple[int, int, int],
+    out_channels: int,
+    prefix: str = "backbone.fpn.",
+) -> Params:
+    """FPN weights -> FPN params for inputs C3..C5 of `in_channels`."""
+    feats = [jnp.zeros((1, 8 >> i, 8 >> i, c)) for i, c in enumerate(in_channels)]
+    return from_torch(state_dict, FPN_RULES, abstract_params(FPN(out_channels), feats), prefix)
+
+
+_HF_SWIN_TOP = (  # (regex, replacement) outside the blocks
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"embeddings\.norm\.", "patch_embed.norm."),
+    (r"encoder\.layers\.(\d+)\.downsample\.", r"layers.\1.downsample."),
+    (r"hidden_states_norms\.stage(\d+)\.", lambda m: f"norm{int(m[1]) - 1}."),
+)
+# Block sub-modules, in both the transformers 4.x and 5.x spellings.
+_HF_SWIN_BLOCK = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "attention.self": "attn",  # relative_position_bias_table / _index
+    "attention.relative_position_bias": "attn",
+}
+_HF_SWIN_QKV = {
+    "attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2,
+    "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
+}
+_HF_BLOCK_KEY = re.compile(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(\w+)\Z")
+
+
+def swin_state_dict_from_hf(state_dict: Mapping[str, Array]) -> StateDict:
+    """A Hugging Face SwinModel / SwinBackbone state dict (transformers 4.x or 5.x names)
+    -> Microsoft naming: separate query/key/value fused into attn.qkv (rows q|k|v),
+    SwinBackbone's per-stage norms hidden_states_norms.stage{k} -> norm{k-1}, a leading
+    "swin." dropped. Keys it does not know (e.g. SwinModel's final "layernorm.") pass
+    through unchanged, so that the converter reports them."""
+    out: StateDict = {}
+    qkv: dict[tuple[str, str, str], dict[int, Array]] = {}
+    for key, value in strip_module_prefix(state_dict).items():
+        key, value = key.removeprefix("swin."), np.asarray(value)
+        m = _HF_BLOCK_KEY.match(key)
+        if m and m[3] in _HF_SWIN_QKV:
+            qkv.setdefault((m[1], m[2], m[4]), {})[_HF_SWIN_QKV[m[3]]] = value
+            continue
+        if m and m[3] in _HF_SWIN_BLOCK:
+            key = f"layers.{m[1]}.blocks.{m[2]}.{_HF_SWIN_BLOCK[m[3]]}.{m[4]}"
+        else:
+            for pattern, repl in _HF_SWIN_TOP:
+                key, n = re.subn(r"\A" + pattern, repl, key)
+                if n:
+                    break
+        out[key] = value
+    for (s, b, kind), parts in qkv.items():
+        if len(parts) != 3:
+            raise ConversionError(note=f"Swin stage {s} block {b}: incomplete q/k/v {kind}.")
+        out[f"layers.{s}.blocks.{b}.attn.qkv.{kind}"] = np.concatenate([parts[i] for i in range(3)], axis=0)
+    return out
