@@ -12,6 +12,8 @@ from glipjax import convert
 from glipjax.models.fpn import FPN, drop_block, nearest_resize
 
 TOL = 1e-5  # max |flax - torch| (measured about 2e-6), float32
+# Against the official outputs (other BLAS, values up to about 8): measured up to 9.5e-6.
+GOLDEN_TOL = 5e-5
 IN_CHANNELS = (8, 16, 32)
 OUT = 12
 
@@ -70,7 +72,7 @@ def test_matches_official_glip_fpn(golden_dir):
     ours = FPN(64).apply({"params": params}, feats)
     for level, o in zip(range(3, 8), ours):
         ref = golden[f"fpn_p{level}"].transpose(0, 2, 3, 1)
-        assert np.abs(np.asarray(o) - ref).max() < TOL, level
+        assert np.abs(np.asarray(o) - ref).max() < GOLDEN_TOL, level
 
 
 @pytest.mark.parametrize("n_in,n_out", [(7, 14), (8, 15), (10, 15), (11, 21), (5, 5), (3, 10)])
