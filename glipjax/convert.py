@@ -30,7 +30,9 @@ from flax import traverse_util
 from flax.core import meta
 
 from glipjax.models.bert import BertConfig, BertLayer, BertModel
+from glipjax.models.dyhead import HeadConfig
 from glipjax.models.fpn import FPN
+from glipjax.models.glip import GLIP, SIZE_DIVISIBILITY, GLIPConfig, PostprocessConfig
 from glipjax.models.swin import SwinConfig, SwinTransformer
 
 Array = np.ndarray
@@ -206,12 +208,61 @@ FPN_RULES = _sections(
 # Relative to "rpn.anchor_generator.": the anchors are recomputed from the config.
 ANCHOR_GENERATOR_RULES = ignored("cell_anchors.{i}")
 
+# Relative to "rpn.head.dyhead_tower.{t}.b_attn.": the image-text fusion block.
+FUSION_RULES = _sections(
+    param("gamma_v", "gamma_v"),
+    param("gamma_l", "gamma_l"),
+    norm("layer_norm_v", "layer_norm_v"),
+    norm("layer_norm_l", "layer_norm_l"),
+    *(linear(f"attn.{n}", f"attn/{n}") for n in
+      ("v_proj", "l_proj", "values_v_proj", "values_l_proj", "out_v_proj", "out_l_proj")),
+)
+
+# Relative to "rpn.head.dyhead_tower.{t}.": one DyConv layer.
+DYCONV_RULES = _sections(
+    conv("DyConv.{k}.conv", "DyConv_{k}/conv"),
+    norm("DyConv.{k}.bn", "DyConv_{k}/bn"),  # a GroupNorm despite the name
+    conv("AttnConv.1", "AttnConv_1"),
+    linear("relu.fc.0", "relu/fc_0"),
+    linear("relu.fc.2", "relu/fc_2"),
+    conv("offset", "offset"),
+)
+
+# Relative to "rpn.head.": the tower (fusion, BERT layer and DyConv entries told apart
+# by their sub-names) and the predictors.
+HEAD_RULES = _sections(
+    FUSION_RULES.under("dyhead_tower.{t}.b_attn.", "dyhead_tower_{t}/b_attn/"),
+    BERT_LAYER_RULES.under("dyhead_tower.{t}.", "dyhead_tower_{t}/"),
+    DYCONV_RULES.under("dyhead_tower.{t}.", "dyhead_tower_{t}/"),
+    param("log_scale", "log_scale"),
+    param("bias_lang", "bias_lang"),
+    param("bias0", "bias0"),
+    conv("cls_logits", "cls_logits"),
+    conv("bbox_pred", "bbox_pred"),
+    conv("centerness", "centerness"),
+    linear("dot_product_projection_text", "dot_product_projection_text"),
+    param("scales.{i}.scale", "scales_{i}/scale"),
+)
+
+# A whole released GLIP model ("module." already stripped).
+GLIP_RULES = _sections(
+    SWIN_RULES.under("backbone.body.", "backbone/body/"),
+    FPN_RULES.under("backbone.fpn.", "backbone/fpn/"),
+    BERT_RULES.under("language_backbone.body.model.", "language_backbone/"),
+    HEAD_RULES.under("rpn.head.", "head/"),
+    ANCHOR_GENERATOR_RULES.under("rpn.anchor_generator.", ""),
+)
+
 RULES: dict[str, RuleSet] = {
     "bert": BERT_RULES,
     "bert_layer": BERT_LAYER_RULES,
     "swin": SWIN_RULES,
     "fpn": FPN_RULES,
     "anchor_generator": ANCHOR_GENERATOR_RULES,
+    "fusion": FUSION_RULES,
+    "dyconv": DYCONV_RULES,
+    "head": HEAD_RULES,
+    "glip": GLIP_RULES,
 }
 
 
@@ -415,3 +466,101 @@ def swin_state_dict_from_hf(state_dict: Mapping[str, Array]) -> StateDict:
             raise ConversionError(note=f"Swin stage {s} block {b}: incomplete q/k/v {kind}.")
         out[f"layers.{s}.blocks.{b}.attn.qkv.{kind}"] = np.concatenate([parts[i] for i in range(3)], axis=0)
     return out
+
+
+# ----------------------------------------------------------------------------- GLIP
+
+
+def _need(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            raise ConversionError(note=f"official config lacks {path}")
+        node = node[key]
+    return node
+
+
+def glip_config_from_official(
+    config_yaml: str | os.PathLike, bert_config: str | os.PathLike | None = None
+) -> GLIPConfig:
+    """A GLIPConfig from an official GLIP yacs config (a repository yaml or a dumped
+    merged config) plus the Hugging Face config of its language model (the official
+    config names the model instead of listing sizes; default bert-base-uncased)."""
+    import yaml
+
+    with open(config_yaml) as f:
+        m = _need(yaml.safe_load(f), "MODEL")
+    body = str(_need(m, "BACKBONE.CONV_BODY"))
+    if not body.startswith("SWINT-FPN-RETINANET"):
+        raise ConversionError(note=f"unsupported backbone {body!r} (want SWINT-FPN-RETINANET)")
+    if _need(m, "RPN_ARCHITECTURE") != "VLDYHEAD":
+        raise ConversionError(note=f"unsupported head {m['RPN_ARCHITECTURE']!r} (want VLDYHEAD)")
+    if bert_config is None:
+        model_type = _need(m, "LANGUAGE_BACKBONE.MODEL_TYPE")
+        if model_type != "bert-base-uncased":
+            raise ConversionError(note=f"language model {model_type!r}: pass its Hugging Face config")
+        text = BertConfig.bert_base_uncased()
+    else:
+        text = BertConfig.from_json_file(bert_config)
+    lang_dim = _need(m, "LANGUAGE_BACKBONE.LANG_DIM")
+    if lang_dim != text.hidden_size:
+        raise ConversionError(note=f"LANG_DIM {lang_dim} differs from the BERT width {text.hidden_size}")
+
+    swin = SwinConfig(
+        embed_dim=_need(m, "SWINT.EMBED_DIM"),
+        depths=tuple(_need(m, "SWINT.DEPTHS")),
+        num_heads=tuple(_need(m, "SWINT.NUM_HEADS")),
+        window_size=_need(m, "SWINT.WINDOW_SIZE"),
+        mlp_ratio=float(_need(m, "SWINT.MLP_RATIO")),
+        drop_path_rate=float(_need(m, "SWINT.DROP_PATH_RATE")),
+    )
+    fuse = _need(m, "DYHEAD.FUSE_CONFIG")
+    use_fusion = bool(fuse["EARLY_FUSE_ON"]) and fuse["TYPE"] == "MHA-B"
+    if fuse["EARLY_FUSE_ON"] and not use_fusion:
+        raise ConversionError(note=f"unsupported fusion type {fuse['TYPE']!r} (want MHA-B)")
+    head = HeadConfig(
+        channels=_need(m, "DYHEAD.CHANNELS"),
+        num_layers=_need(m, "DYHEAD.NUM_CONVS"),
+        text=text,
+        use_fusion=use_fusion,
+        num_classes=_need(m, "DYHEAD.NUM_CLASSES") - 1,
+        prior_prob=float(_need(m, "DYHEAD.PRIOR_PROB")),
+        log_scale_init=float(_need(m, "DYHEAD.LOG_SCALE")),
+    )
+    return GLIPConfig(
+        swin=swin,
+        head=head,
+        fpn_channels=_need(m, "BACKBONE.OUT_CHANNELS"),
+        strides=tuple(_need(m, "RPN.ANCHOR_STRIDE")),
+        anchor_sizes=tuple(_need(m, "RPN.ANCHOR_SIZES")),
+        max_text_len=_need(m, "LANGUAGE_BACKBONE.MAX_QUERY_LEN"),
+        postprocess=PostprocessConfig(
+            pre_nms_thresh=float(_need(m, "ATSS.INFERENCE_TH")),
+            pre_nms_top_n=_need(m, "ATSS.PRE_NMS_TOP_N"),
+            nms_thresh=float(_need(m, "ATSS.NMS_TH")),
+            max_detections=_need(m, "ATSS.DETECTIONS_PER_IMG"),
+        ),
+    )
+
+
+def glip_abstract_params(config: GLIPConfig) -> Params:
+    """Shapes of a GLIP model's params (nothing computed)."""
+    size = SIZE_DIVISIBILITY * 2
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return abstract_params(GLIP(config), jnp.zeros((1, size, size, 3)), ids, ids)
+
+
+def glip_params_from_torch(state_dict: Mapping[str, Array], config: GLIPConfig) -> Params:
+    """A released GLIP state dict ("module." prefixes allowed) -> GLIP params."""
+    return from_torch(state_dict, GLIP_RULES, glip_abstract_params(config))
+
+
+def load_official_glip(
+    checkpoint: str | os.PathLike,
+    config_yaml: str | os.PathLike,
+    bert_config: str | os.PathLike | None = None,
+) -> tuple[GLIPConfig, Params]:
+    """Config and params of an official GLIP checkpoint (e.g. glip_tiny_model_o365_goldg.pth
+    with configs/pretrain/glip_Swin_T_O365_GoldG.yaml)."""
+    config = glip_config_from_official(config_yaml, bert_config)
+    return config, glip_params_from_torch(load_state_dict(checkpoint), config)

@@ -1,0 +1,160 @@
+"""The GLIP model: Swin + FPN image encoder, BERT text encoder, VLDyHead, ATSS anchors.
+
+Parameter tree (mirrors the released checkpoints, see convert.py):
+  backbone/body (Swin), backbone/fpn, language_backbone (BERT), head (VLDyHead).
+Images are NHWC, normalised as the reference does (BGR, 0..255, mean/std below) and
+padded to a multiple of 32; the text is (B, L) token ids with a 0/1 mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glipjax.models.atss import ANCHOR_SIZES, STRIDES, feature_sizes, generate_anchors
+from glipjax.models.bert import BertConfig, BertModel
+from glipjax.models.dyhead import HeadConfig, VLDyHead
+from glipjax.models.fpn import FPN
+from glipjax.models.layers import Dtype
+from glipjax.models.postprocess import Detections, postprocess
+from glipjax.models.swin import SwinConfig, SwinTransformer
+
+# Pixel normalisation of the reference (BGR order, 0..255 scale).
+PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
+PIXEL_STD_BGR = (57.375, 57.12, 58.395)
+SIZE_DIVISIBILITY = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+    """ATSS inference settings of the reference (glip-reference section 1)."""
+
+    pre_nms_thresh: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_thresh: float = 0.6
+    max_detections: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class GLIPConfig:
+    """A whole GLIP model. The language model's config is `head.text` (one source)."""
+
+    swin: SwinConfig = dataclasses.field(default_factory=SwinConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    fpn_channels: int = 256
+    strides: tuple[int, ...] = STRIDES
+    anchor_sizes: tuple[int, ...] = ANCHOR_SIZES
+    max_text_len: int = 256
+    postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.head.channels != self.fpn_channels:
+            raise ValueError(f"head.channels ({self.head.channels}) must equal fpn_channels ({self.fpn_channels})")
+        if len(self.strides) != len(self.anchor_sizes) or len(self.strides) != self.head.num_levels:
+            raise ValueError("strides, anchor_sizes and head.num_levels must agree")
+
+    @property
+    def text(self) -> BertConfig:
+        return self.head.text
+
+    def anchors(self, height: int, width: int) -> list[np.ndarray]:
+        """Per-level (h*w, 4) anchors for a padded (height, width) input."""
+        sizes = feature_sizes(height, width, self.strides)
+        return generate_anchors(sizes, self.strides, self.anchor_sizes)
+
+
+def glip_t() -> GLIPConfig:
+    """GLIP-T: Swin-T, 6 fused head layers, BERT-base."""
+    return GLIPConfig()
+
+
+def glip_t_a() -> GLIPConfig:
+    """GLIP-T(A): no fusion, the head aligns against the plain BERT output."""
+    return GLIPConfig(head=HeadConfig.glip_t_a())
+
+
+def glip_l() -> GLIPConfig:
+    """GLIP-L: Swin-L (window 12), 8 head layers, BERT-base."""
+    return GLIPConfig(swin=SwinConfig.swin_l(), head=HeadConfig.glip_l())
+
+
+def glip_tiny(text: BertConfig | None = None) -> GLIPConfig:
+    """A tiny GLIP for tests and the demo: the golden case's sizes (Swin embed 32,
+    FPN/head width 64, 2 head layers) with any BERT (default: the golden 128-wide one)."""
+    head = HeadConfig.golden_tiny()
+    if text is not None:
+        head = dataclasses.replace(head, text=text)
+    return GLIPConfig(swin=SwinConfig.tiny(), head=head, fpn_channels=64)
+
+
+PRESETS = {"glip_t": glip_t, "glip_t_a": glip_t_a, "glip_l": glip_l, "glip_tiny": glip_tiny}
+
+
+class Backbone(nn.Module):
+    """Swin body + FPN: images -> ([C2..C5], [P3..P7])."""
+
+    config: GLIPConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, deterministic: bool = True) -> tuple[list[jax.Array], list[jax.Array]]:
+        stages = SwinTransformer(self.config.swin, self.dtype, self.config.remat, name="body")(images, deterministic)
+        pyramid = FPN(self.config.fpn_channels, dtype=self.dtype, name="fpn")(stages[1:], deterministic)
+        return stages, pyramid
+
+
+class GLIP(nn.Module):
+    """images (B, H, W, 3) normalised and padded to a multiple of 32, input_ids and
+    attention_mask (B, L) -> the head's per-level outputs (see VLDyHead) plus
+    "swin" (C3..C5), "fpn" (P3..P7) and "lang_hidden"."""
+
+    config: GLIPConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        deterministic: bool = True,
+        return_intermediates: bool = False,
+    ) -> dict[str, Any]:
+        h, w = images.shape[1:3]
+        if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
+            raise ValueError(f"image size {h}x{w} must be padded to a multiple of {SIZE_DIVISIBILITY}")
+        stages, pyramid = Backbone(self.config, self.dtype, name="backbone")(images, deterministic)
+        lang_hidden = BertModel(self.config.text, dtype=self.dtype, name="language_backbone")(
+            input_ids, attention_mask, deterministic=deterministic
+        )
+        out = VLDyHead(self.config.head, self.dtype, name="head")(
+            pyramid, lang_hidden, attention_mask, deterministic, return_intermediates
+        )
+        if return_intermediates:
+            out.update(swin=stages[1:], fpn=pyramid, lang_hidden=lang_hidden)
+        return out
+
+
+def detect(
+    config: GLIPConfig,
+    outputs: dict[str, Any],
+    positive_map: jax.Array,
+    phrase_mask: jax.Array,
+    image_sizes: jax.Array,
+    padded_hw: Sequence[int],
+    **overrides: Any,
+) -> Detections:
+    """Post-processed detections from GLIP outputs (settings from config.postprocess,
+    `overrides` replace any of them)."""
+    settings = dataclasses.asdict(config.postprocess) | overrides
+    anchors = [jnp.asarray(a) for a in config.anchors(*padded_hw)]
+    return postprocess(
+        outputs["dot_product_logits"], outputs["bbox_reg"], outputs["centerness"], anchors,
+        positive_map, phrase_mask, image_sizes, **settings,
+    )
