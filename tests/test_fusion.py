@@ -33,7 +33,8 @@ def reference_block(p, v, l, mask, heads):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     a = p["attn"]
     lin = lambda x, name: x @ a[name]["kernel"] + a[name]["bias"]  # noqa: E731
-    v, l = _ln(np.asarray(v, np.float64), p["layer_norm_v"]), _ln(np.asarray(l, np.float64), p["layer_norm_l"])
+    v = _ln(np.asarray(v, np.float64), p["layer_norm_v"])
+    l = _ln(np.asarray(l, np.float64), p["layer_norm_l"])
     b, n, _ = v.shape
     length = l.shape[1]
     e = a["v_proj"]["kernel"].shape[1]
@@ -63,7 +64,9 @@ def setup():
     flat = flatten_dict(nn.meta.unbox(variables["params"]))
     keys = jax.random.split(jax.random.key(1), len(flat))
     # Perturb every parameter so biases, gammas and norms are all exercised.
-    params = unflatten_dict({k: v + 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, flat.items())})
+    params = unflatten_dict(
+        {k: v + 0.1 * jax.random.normal(kk, v.shape) for kk, (k, v) in zip(keys, flat.items())}
+    )
     apply = jax.jit(module.apply, static_argnames=("deterministic",))
     return module, variables, params, levels, text, mask, apply
 
