@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax.models.atss import ANCHOR_SIZES, STRIDES, feature_sizes, generate_anchors
+from glipjax.losses import glip_losses
+from glipjax.models.atss import ANCHOR_SIZES, STRIDES, atss_assign, feature_sizes, generate_anchors
 from glipjax.models.bert import BertConfig, BertModel
 from glipjax.models.dyhead import HeadConfig, VLDyHead
 from glipjax.models.fpn import FPN
@@ -51,7 +52,7 @@ class GLIPConfig:
     anchor_sizes: tuple[int, ...] = ANCHOR_SIZES
     max_text_len: int = 256
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
-    remat: bool = False
+    remat: bool = False  # rematerialise each Swin block, BERT layer and head layer
 
     def __post_init__(self):
         if self.head.channels != self.fpn_channels:
@@ -104,7 +105,9 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> tuple[list[jax.Array], list[jax.Array]]:
-        stages = SwinTransformer(self.config.swin, self.dtype, self.config.remat, name="body")(images, deterministic)
+        stages = SwinTransformer(self.config.swin, self.dtype, self.config.remat, name="body")(
+            images, deterministic
+        )
         pyramid = FPN(self.config.fpn_channels, dtype=self.dtype, name="fpn")(stages[1:], deterministic)
         return stages, pyramid
 
@@ -130,10 +133,11 @@ class GLIP(nn.Module):
         if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
             raise ValueError(f"image size {h}x{w} must be padded to a multiple of {SIZE_DIVISIBILITY}")
         stages, pyramid = Backbone(self.config, self.dtype, name="backbone")(images, deterministic)
-        lang_hidden = BertModel(self.config.text, dtype=self.dtype, name="language_backbone")(
+        lang_hidden = BertModel(self.config.text, self.dtype, self.config.remat, name="language_backbone")(
             input_ids, attention_mask, deterministic=deterministic
         )
-        out = VLDyHead(self.config.head, self.dtype, name="head")(
+        head = dataclasses.replace(self.config.head, remat=self.config.remat or self.config.head.remat)
+        out = VLDyHead(head, self.dtype, name="head")(
             pyramid, lang_hidden, attention_mask, deterministic, return_intermediates
         )
         if return_intermediates:
@@ -158,3 +162,26 @@ def detect(
         outputs["dot_product_logits"], outputs["bbox_reg"], outputs["centerness"], anchors,
         positive_map, phrase_mask, image_sizes, **settings,
     )
+
+
+def losses(
+    config: GLIPConfig,
+    outputs: dict[str, Any],
+    gt_boxes: jax.Array,
+    gt_mask: jax.Array,
+    gt_positive_map: jax.Array,
+    text_mask: jax.Array,
+    padded_hw: Sequence[int],
+    **loss_options: Any,
+) -> dict[str, jax.Array]:
+    """Training losses: ATSS targets for padded ground truth (gt_boxes (B, G, 4) xyxy
+    in input pixels, gt_mask (B, G), gt_positive_map (B, G, L)) and the token focal,
+    GIoU and centerness losses (`loss_options` go to glipjax.losses.glip_losses)."""
+    anchors_per_level = config.anchors(*padded_hw)
+    anchors = jnp.asarray(np.concatenate(anchors_per_level))
+    targets = atss_assign(anchors, [len(a) for a in anchors_per_level], gt_boxes, gt_mask, gt_positive_map)
+    batch = gt_boxes.shape[0]
+    token_logits = jnp.concatenate(outputs["dot_product_logits"], axis=1)
+    box_regression = jnp.concatenate([r.reshape(batch, -1, 4) for r in outputs["bbox_reg"]], axis=1)
+    centerness = jnp.concatenate([c.reshape(batch, -1) for c in outputs["centerness"]], axis=1)
+    return glip_losses(token_logits, box_regression, centerness, anchors, targets, text_mask, **loss_options)
