@@ -5,7 +5,6 @@ Boxes are absolute pixel xyxy (x0, y0, x1, y1) in the input image's coordinates.
 
 from __future__ import annotations
 
-import textwrap
 import zlib
 from typing import Sequence
 
