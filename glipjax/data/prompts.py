@@ -95,7 +95,8 @@ def chunk_classes(
     separator: str = SEPARATOR,
 ) -> list[list[int]]:
     """Splits the class list into consecutive runs whose `class_prompt` fits max_len
-    tokens with [CLS]/[SEP]; each run is as long as fits. Returns class indices."""
+    tokens with [CLS]/[SEP]; each run is as long as fits. Returns class indices.
+    Raises ValueError for a class whose name alone does not fit."""
     table = _class_table(tokenizer, names, separator)
     budget = max_len - NUM_SPECIAL_TOKENS
     chunks: list[list[int]] = []
@@ -141,9 +142,10 @@ def detection_to_grounding(
        (none when the positives overflowed);
     4. positives and negatives shuffled together and joined by the separator, with no
        trailing separator.
-    Unlike the reference, "__background__" is never a negative and the classes cut off
-    in step 1 are excluded from the negatives too (the reference leaves no budget for
-    negatives in that case anyway).
+    Unlike the reference, "__background__" is never a negative, max_negatives=0 means
+    no negatives (the reference still draws one), and the classes cut off in step 1 are
+    excluded from the negatives too (the reference leaves no budget for negatives in
+    that case anyway).
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a np.random.Generator, got {type(rng).__name__}")
