@@ -635,3 +635,11 @@ def test_fuzzed_shard_builds_with_valid_records_and_balanced_counts(kind, fixtur
     assert 0 < dropped < expected_records, counts  # the shard was corrupted, yet records survive
     if kind != "image_text":  # corruptions reached single boxes, not only whole records
         assert len(set(counts["boxes"]["dropped"]) - {"record_skipped"}) >= 2, counts
+
+
+def test_an_image_listed_once_per_caption_is_checked_once(tmp_path, monkeypatch):
+    calls = []
+    check = common.read_image
+    monkeypatch.setattr(common, "read_image", lambda path: calls.append(path.name) or check(path))
+    common.build_source("mdetr", tmp_path, annotations=FIXTURES / "mdetr_flickr_train.json", images=IMAGES)
+    assert sorted(calls) == ["field.jpg", "street.jpg"]  # three records, two files

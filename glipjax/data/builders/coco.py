@@ -127,7 +127,7 @@ class CocoFormat(common.SourceBuilder):
         if not isinstance(image, dict):
             raise common.Reject("malformed_record")
         image_id = common.record_id(image.get("id"))
-        checked = common.read_image(image_file(image, self.images_dir))
+        checked = self.read_image(image_file(image, self.images_dir))
         common.note_size(counter, checked, image, ("width", "height"))
 
         def parse(ann: dict[str, Any]) -> tuple[np.ndarray, str, np.ndarray, float]:

@@ -62,6 +62,7 @@ VERSION = tfds.core.Version("1.0.0")
 GROUPS = ("records", "boxes", "spans")
 INT64_MAX = 2**63 - 1
 KEPT_FORMATS = ("JPEG", "PNG")  # stored as they are; anything else is re-encoded as PNG
+IMAGE_CACHE_SIZE = 32  # checked images a builder keeps while it writes
 # Source kind -> (module, builder class) of glipjax.data.builders.
 KINDS = {
     "coco": ("glipjax.data.builders.coco", "CocoFormat"),
@@ -453,7 +454,19 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # everything is local
         return {self.builder_config.split: self._generate_examples()}
 
+    def read_image(self, path: pathlib.Path) -> CheckedImage:
+        """`read_image` with the last IMAGE_CACHE_SIZE good reads kept: grounding files
+        list an image once per caption, usually one after another."""
+        cached = self._image_cache.get(path)
+        if cached is None:
+            cached = read_image(path)
+            if len(self._image_cache) >= IMAGE_CACHE_SIZE:
+                del self._image_cache[next(iter(self._image_cache))]
+            self._image_cache[path] = cached
+        return cached
+
     def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        self._image_cache: dict[pathlib.Path, CheckedImage] = {}
         counter = DropCounter()
         extra: dict[str, Any] = {"class_names": [], "category_ids": []}
         for key, record in enumerate(self._records(counter, extra)):

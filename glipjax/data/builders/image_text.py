@@ -35,6 +35,6 @@ class ImageText(common.SourceBuilder):
             raise common.Reject("malformed_record")
         caption = common.clean_caption(raw.get("caption"))
         name = raw.get("image")
-        checked = common.read_image(common.image_path(name, self.images_dir))
+        checked = self.read_image(common.image_path(name, self.images_dir))
         image_id = common.record_id(raw.get("image_id", name))
         return common.example(checked, image_id, caption, [], counter, boxed=False)

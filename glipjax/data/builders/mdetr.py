@@ -39,7 +39,7 @@ class MdetrGrounding(common.SourceBuilder):
             raise common.Reject("malformed_record")
         caption = common.clean_caption(image.get("caption"))
         image_id = common.record_id(image.get("id"))
-        checked = common.read_image(coco.image_file(image, self.images_dir))
+        checked = self.read_image(coco.image_file(image, self.images_dir))
         common.note_size(counter, checked, image, ("width", "height"))
 
         def parse(ann: dict[str, Any]) -> tuple[np.ndarray, str, np.ndarray, float]:

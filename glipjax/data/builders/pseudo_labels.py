@@ -122,7 +122,7 @@ class PseudoLabels(common.SourceBuilder):
         opts = self.options
         caption = common.clean_caption(raw.get("caption"))
         name = raw.get("file_name", raw.get("image"))
-        checked = common.read_image(common.image_path(name, self.images_dir))
+        checked = self.read_image(common.image_path(name, self.images_dir))
         image_id = common.record_id(raw.get("image_id", name))
         scale = self._scale(raw, checked, counter)
 
