@@ -21,7 +21,26 @@ def repo_root() -> pathlib.Path:
     return REPO
 
 
+def golden_cases() -> list[pathlib.Path]:
+    """Case folders of ../shared/golden holding golden_*.npz (discovered, never named)."""
+    if not GOLDEN_DIR.is_dir():
+        return []
+    return sorted(p for p in GOLDEN_DIR.iterdir() if p.is_dir() and any(p.glob("golden_*.npz")))
+
+
+def golden_npz_files() -> list[pathlib.Path]:
+    return [f for case in golden_cases() for f in sorted(case.glob("golden_*.npz"))]
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
     """../shared/golden next to the repository (CI lays it beside the clone)."""
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def golden_files() -> list[pathlib.Path]:
+    """Every golden_*.npz of every case; a missing golden folder fails the test."""
+    files = golden_npz_files()
+    assert files, f"no golden_*.npz files under {GOLDEN_DIR}"
+    return files

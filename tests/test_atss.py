@@ -13,16 +13,8 @@ from glipjax.models import atss
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
 
-def golden_files(golden_dir):
-    cases = sorted(p for p in golden_dir.iterdir() if p.is_dir())
-    assert cases, f"no golden case folders under {golden_dir}"
-    files = sorted(f for case in cases for f in case.glob("golden_*.npz"))
-    assert files, f"no golden_*.npz files under {golden_dir}"
-    return files
-
-
-def test_anchors_match_golden(golden_dir):
-    for path in golden_files(golden_dir):
+def test_anchors_match_golden(golden_files):
+    for path in golden_files:
         data = np.load(path)
         height, width = data["image"].shape[2:]
         sizes = atss.feature_sizes(height, width)

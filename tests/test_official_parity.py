@@ -9,12 +9,11 @@ sets (sorted by score) with boxes within 0.01 px and scores within 1e-4.
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import golden_cases, golden_npz_files
 
 from glipjax import convert
 from glipjax.models.glip import GLIP, detect
@@ -23,20 +22,16 @@ RELATIVE_TOL = 1e-4
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
 
-def _cases(golden_dir: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in golden_dir.iterdir() if p.is_dir() and list(p.glob("golden_*.npz")))
-
-
 def test_golden_cases_exist(golden_dir):
     assert golden_dir.is_dir(), f"missing golden folder {golden_dir}"
-    assert _cases(golden_dir), f"no case with golden_*.npz under {golden_dir}"
+    assert golden_cases(), f"no case with golden_*.npz under {golden_dir}"
 
 
 @pytest.fixture(scope="module")
-def models(golden_dir):
+def models():
     """Per case: (config, params, jitted forward)."""
     built = {}
-    for case in _cases(golden_dir):
+    for case in golden_cases():
         (checkpoint,) = case.glob("*.pth")
         bert = case / "bert_config.json"
         config, params = convert.load_official_glip(
@@ -62,21 +57,15 @@ def _close(name: str, ours, ref: np.ndarray) -> float:
     return err / max(scale, 1e-6)
 
 
-def _golden_files(golden_dir):
-    return [(c.name, f) for c in _cases(golden_dir) for f in sorted(c.glob("golden_*.npz"))]
-
-
 def pytest_generate_tests(metafunc):
     if "golden_file" in metafunc.fixturenames:
-        from conftest import GOLDEN_DIR
-
-        files = _golden_files(GOLDEN_DIR) if GOLDEN_DIR.is_dir() else []
-        metafunc.parametrize("case_name, golden_file", files, ids=[f"{c}/{f.name}" for c, f in files])
+        files = golden_npz_files()
+        metafunc.parametrize("golden_file", files, ids=[f"{f.parent.name}/{f.name}" for f in files])
 
 
-def test_forward_and_detections_match_official(models, case_name, golden_file):
+def test_forward_and_detections_match_official(models, golden_file):
     g = dict(np.load(golden_file))
-    config, params, forward = models[case_name]
+    config, params, forward = models[golden_file.parent.name]
     image = jnp.asarray(_nhwc(g["image"]))
     out = forward(params, image, jnp.asarray(g["input_ids"], jnp.int32), jnp.asarray(g["attention_mask"], jnp.int32))
 

@@ -15,14 +15,6 @@ LEVELS = ("p3", "p4", "p5", "p6", "p7")
 GOLDEN_THRESH = 0.011629
 
 
-def golden_files(golden_dir):
-    cases = sorted(p for p in golden_dir.iterdir() if p.is_dir())
-    assert cases, f"no golden case folders under {golden_dir}"
-    files = sorted(f for case in cases for f in case.glob("golden_*.npz"))
-    assert files, f"no golden_*.npz files under {golden_dir}"
-    return files
-
-
 def head_outputs(data):
     """Per-level inputs in the channels-last layout the post-processor takes."""
     return (
@@ -61,8 +53,8 @@ def assert_matches(det, index, boxes, scores, labels):
     assert (np.asarray(det.scores[index, n:]) == 0).all() and (np.asarray(det.labels[index, n:]) == 0).all()
 
 
-def test_matches_golden_detections(golden_dir, run):
-    for path in golden_files(golden_dir):
+def test_matches_golden_detections(golden_files, run):
+    for path in golden_files:
         data = np.load(path)
         height, width = data["image"].shape[2:]
         sizes = jnp.array([[height, width]])
@@ -75,10 +67,10 @@ def test_matches_golden_detections(golden_dir, run):
             assert_matches(det, 0, data["det_boxes"], data["det_scores"], data["det_labels"])
 
 
-def test_batch_phrase_mask_and_detection_limit(golden_dir, run):
+def test_batch_phrase_mask_and_detection_limit(golden_files, run):
     """Two images in one batch: the second with phrase 4 masked out (its
     detections vanish, the others stay), and a limit of 10 detections."""
-    path = golden_files(golden_dir)[0]
+    path = golden_files[0]
     data = np.load(path)
     height, width = data["image"].shape[2:]
     logits, reg, ctr, anchors = head_outputs(data)
@@ -98,8 +90,8 @@ def test_batch_phrase_mask_and_detection_limit(golden_dir, run):
     assert_matches(top, 0, boxes[best], scores[best], labels[best])
 
 
-def test_rejects_mismatched_inputs(golden_dir):
-    data = np.load(golden_files(golden_dir)[0])
+def test_rejects_mismatched_inputs(golden_files):
+    data = np.load(golden_files[0])
     logits, reg, ctr, anchors = head_outputs(data)
     pmap, pmask, sizes = data["positive_map"], np.ones(4, bool), jnp.array([[224, 320]])
     with pytest.raises(ValueError, match="same number"):
