@@ -1,0 +1,220 @@
+"""The reference training recipe's optimizer (glip-reference section 2), built from optax.
+
+AdamW (base lr 1e-4, weight decay 1e-4) with parameter groups decided from the param
+path ("backbone/body/...", "language_backbone/...", "head/..."; a leading "params"
+collection and Flax partitioning boxes are ignored):
+- the text backbone (`language_backbone/...` only, not the BERT layers in the head)
+  trains at `text_lr_factor` x lr;
+- a param whose path contains "bias" (also bias_lang, bias0, relative_position_bias_table)
+  trains at `bias_lr_factor` x lr with `bias_weight_decay`;
+- norm scales (LayerNorm/GroupNorm weights) get weight decay unless `norm_weight_decay`
+  is off;
+- `frozen` regexes (re.search on the path) and the unused `head/cls_logits` conv get
+  no update at all, no weight decay and no optimizer moments.
+Gradients of the trainable params are clipped to global L2 norm `clip_norm`; the lr
+warms up linearly from `warmup_factor` x lr over `warmup_steps` and is multiplied by
+`decay_gamma` at each fraction of training in `decay_milestones`. With
+`grad_accum_steps` k > 1, k calls average their gradients into one update.
+
+A call whose gradients (or `loss=`, when given) hold a NaN or inf changes neither the
+params nor the optimizer state; `bad_step_counts(opt_state)` gives the consecutive and
+total number of such calls for the trainer to act on.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+
+ALWAYS_FROZEN = (r"^head/cls_logits/",)  # unused: its loss weight is 0
+TEXT_PREFIX = "language_backbone/"
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW defaults
+_NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)  # apply_if_finite never accepts a bad step
+_NORM_MODULE = re.compile(r"(?i)norm|^bn$|^gn$")
+_GROUPS = ("frozen", "base", "base_bias", "base_norm", "text", "text_bias", "text_norm")
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """The reference recipe's optimizer fields, embedded by configs as `config.optim`."""
+    return ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,
+            weight_decay=1e-4,
+            text_lr_factor=0.1,
+            bias_lr_factor=2.0,
+            bias_weight_decay=0.0,
+            norm_weight_decay=True,
+            warmup_steps=2000,
+            warmup_factor=0.001,
+            decay_milestones=(0.67, 0.89),  # fractions of the total number of updates
+            decay_gamma=0.1,
+            clip_norm=1.0,  # 0 turns clipping off
+            grad_accum_steps=1,
+            ema_decay=0.999,  # 0 turns EMA off
+            frozen=(),  # regexes searched in param paths such as "head/bias_lang"
+        )
+    )
+
+
+def param_path(keypath: tuple[Any, ...]) -> str:
+    """"backbone/body/norm1/scale" from a jax key path (boxes and "params" dropped)."""
+    names = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            names.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            names.append(str(key.idx))
+        # GetAttrKey: the `.value` of a Flax partitioning box, not part of the name
+    if names and names[0] == "params":
+        names = names[1:]
+    return "/".join(names)
+
+
+def _check_config(config: ml_collections.ConfigDict, total_steps: int) -> None:
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if config.lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {config.lr}")
+    if config.warmup_steps < 0 or not 0 < config.warmup_factor <= 1:
+        raise ValueError(
+            f"optim.warmup_steps must be >= 0 and optim.warmup_factor in (0, 1], got "
+            f"{config.warmup_steps} and {config.warmup_factor}"
+        )
+    milestones = tuple(config.decay_milestones)
+    if any(not 0 < m <= 1 for m in milestones) or list(milestones) != sorted(milestones):
+        raise ValueError(f"optim.decay_milestones must be increasing fractions in (0, 1], got {milestones}")
+    if config.clip_norm < 0:
+        raise ValueError(f"optim.clip_norm must be >= 0 (0 = off), got {config.clip_norm}")
+    if int(config.grad_accum_steps) < 1:
+        raise ValueError(f"optim.grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"optim.ema_decay must be in [0, 1) (0 = off), got {config.ema_decay}")
+    for pattern in config.frozen:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"optim.frozen pattern {pattern!r} is not a valid regex: {e}") from e
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Base lr (factor-1 groups) against the number of applied updates: linear warmup
+    from warmup_factor x lr, times decay_gamma per milestone reached (both factors
+    multiply, as in the reference's WarmupMultiStepLR)."""
+    _check_config(config, total_steps)
+    counts = collections.Counter(int(round(m * total_steps)) for m in config.decay_milestones)
+    decay = optax.piecewise_constant_schedule(
+        config.lr, {step: config.decay_gamma**n for step, n in counts.items()}
+    )
+    if config.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(config.warmup_factor, 1.0, config.warmup_steps)
+    return lambda step: warmup(step) * decay(step)
+
+
+def param_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+    """Group label per param (one of "frozen", "base", "base_bias", "base_norm", "text",
+    "text_bias", "text_norm"), a tree shaped like `params`. Raises ValueError for a
+    `frozen` pattern that matches no param."""
+    frozen = [re.compile(p) for p in (*ALWAYS_FROZEN, *config.frozen)]
+    used = set()
+
+    def label(keypath: tuple[Any, ...], _: Any) -> str:
+        path = param_path(keypath)
+        hits = {i for i, p in enumerate(frozen) if p.search(path)}
+        if hits:
+            used.update(hits)
+            return "frozen"
+        prefix = "text" if path.startswith(TEXT_PREFIX) else "base"
+        *modules, name = path.split("/")
+        if "bias" in path:
+            return prefix + "_bias"
+        if name == "scale" and modules and _NORM_MODULE.search(modules[-1]):
+            return prefix + "_norm"
+        return prefix
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [frozen[i].pattern for i in range(len(ALWAYS_FROZEN), len(frozen)) if i not in used]
+    if unused:
+        raise ValueError(f"optim.frozen patterns match no parameter: {unused}")
+    return labels
+
+
+def _adamw_group(schedule: optax.Schedule, lr_factor: float, weight_decay: float) -> optax.GradientTransformation:
+    """torch AdamW for one group: p -= lr_g * (adam + wd * p), lr_g = lr_factor * lr."""
+    return optax.chain(
+        optax.scale_by_adam(ADAM_B1, ADAM_B2, ADAM_EPS),
+        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        optax.scale_by_learning_rate(lambda step: lr_factor * schedule(step)),
+    )
+
+
+def _skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """optax.apply_if_finite that never gives up and also rejects a non-finite `loss=`."""
+    guarded = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+
+    def update(updates: PyTree, state: optax.OptState, params: PyTree = None, *, loss: jax.Array | None = None):
+        if loss is not None:
+            ok = jnp.all(jnp.isfinite(loss))
+            updates = jax.tree.map(lambda g: jnp.where(ok, g, jnp.nan), updates)
+        return guarded.update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(guarded.init, update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """The recipe's optimizer for `config` (fields of default_optim_config()) over
+    `total_steps` applied updates (trainer steps / grad_accum_steps).
+
+    Call as `updates, state = tx.update(grads, state, params, loss=loss)` (`loss`
+    optional); params and grads may be plain or Flax-boxed trees.
+    """
+    schedule = make_schedule(config, total_steps)
+    labels = lambda tree: param_groups(tree, config)  # noqa: E731
+    wd, bias_wd = config.weight_decay, config.bias_weight_decay
+    norm_wd = wd if config.norm_weight_decay else 0.0
+    text, bias = config.text_lr_factor, config.bias_lr_factor
+    groups = optax.multi_transform(
+        {
+            "frozen": optax.set_to_zero(),
+            "base": _adamw_group(schedule, 1.0, wd),
+            "base_bias": _adamw_group(schedule, bias, bias_wd),
+            "base_norm": _adamw_group(schedule, 1.0, norm_wd),
+            "text": _adamw_group(schedule, text, wd),
+            "text_bias": _adamw_group(schedule, text * bias, bias_wd),
+            "text_norm": _adamw_group(schedule, text, norm_wd),
+        },
+        labels,
+    )
+    core = optax.chain(
+        optax.masked(optax.set_to_zero(), lambda tree: jax.tree.map(lambda g: g == "frozen", labels(tree))),
+        optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity(),
+        groups,
+    )
+    k = int(config.grad_accum_steps)
+    if k > 1:
+        core = optax.MultiSteps(core, every_k_schedule=k).gradient_transformation()
+    return _skip_nonfinite(core)
+
+
+def bad_step_counts(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array]:
+    """(consecutive, total) number of rejected non-finite calls, as int32 scalars."""
+    return opt_state.notfinite_count, opt_state.total_notfinite
+
+
+def applied_updates(opt_state: optax.OptState) -> jax.Array:
+    """Number of updates applied so far (the step `make_schedule` is evaluated at)."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1]
+
+
+def ema_update(ema: PyTree, params: PyTree, decay: float) -> PyTree:
+    """decay * ema + (1 - decay) * params, leaf by leaf (decay 0 returns params)."""
+    return optax.incremental_update(params, ema, step_size=1.0 - decay)
