@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -177,7 +177,10 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     optional); params and grads may be plain or Flax-boxed trees.
     """
     schedule = make_schedule(config, total_steps)
-    labels = lambda tree: param_groups(tree, config)  # noqa: E731
+
+    def labels(tree: PyTree) -> PyTree:
+        return param_groups(tree, config)
+
     wd, bias_wd = config.weight_decay, config.bias_weight_decay
     norm_wd = wd if config.norm_weight_decay else 0.0
     text, bias = config.text_lr_factor, config.bias_lr_factor

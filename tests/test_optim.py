@@ -16,6 +16,7 @@ from glipjax.optim import (
     make_optimizer,
     make_schedule,
     param_groups,
+    param_path,
 )
 
 # path -> (group, lr factor, whether weight decay applies) under the default config
@@ -86,6 +87,35 @@ def _assert_trees_equal(a, b):
 def test_groups_from_paths():
     labels = _flat(param_groups(_params(), default_optim_config()))
     assert labels == {p: group for p, (group, _, _) in EXPECTED.items()}
+
+
+@pytest.fixture(scope="module")
+def glip_param_shapes():
+    """Boxed parameter shapes of the tiny GLIP (traced, never compiled)."""
+    from glipjax.models.glip import GLIP, glip_tiny
+
+    model = GLIP(glip_tiny())
+    return jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+    ))
+
+
+def test_groups_of_the_real_glip_tree(glip_param_shapes):
+    labels = param_groups(glip_param_shapes, default_optim_config())
+    flat = {param_path(path): group for path, group in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    for path, group in flat.items():
+        assert (group == "frozen") == path.startswith("head/cls_logits/"), path
+        if group != "frozen":
+            assert group.startswith("text") == path.startswith("language_backbone/"), path
+            assert group.endswith("_bias") == ("bias" in path), path
+    assert flat["head/dyhead_tower_1/attention/self/query/kernel"] == "base"  # BERT layer inside the head
+    assert flat["head/dyhead_tower_2/DyConv_0/bn/scale"] == "base_norm"
+    assert flat["language_backbone/embeddings/LayerNorm/scale"] == "text_norm"
+    assert sum(g.endswith("_norm") for g in flat.values()) == sum(
+        p.endswith("/scale") and ("norm" in p.lower() or "/bn/" in p) for p in flat)
+    tx = make_optimizer(default_optim_config(), total_steps=1000)
+    state = jax.eval_shape(tx.init, glip_param_shapes)
+    assert bad_step_counts(state)[0].dtype == jnp.int32
 
 
 def test_groups_ignore_params_collection_and_boxes():
