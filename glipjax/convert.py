@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pathlib
 import re
 from typing import Any, Callable, Mapping
 
@@ -391,6 +392,17 @@ def bert_layer_params_from_torch(
         BertLayer(config), jnp.zeros((1, 1, config.hidden_size)), jnp.ones((1, 1), jnp.int32)
     )
     return from_torch(state_dict, BERT_LAYER_RULES, expected, prefix)
+
+
+def load_hf_bert(directory: str | os.PathLike) -> tuple[BertConfig, Params]:
+    """Config and params of a local Hugging Face BERT folder (config.json plus
+    model.safetensors or pytorch_model.bin), e.g. pretrained.minilm_dir()."""
+    directory = pathlib.Path(directory)
+    config = BertConfig.from_json_file(directory / "config.json")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return config, bert_params_from_torch(load_state_dict(directory / name), config)
+    raise ConversionError(note=f"no model.safetensors or pytorch_model.bin in {directory}")
 
 
 def swin_params_from_torch(

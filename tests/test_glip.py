@@ -142,3 +142,22 @@ def test_whole_model_round_trip_and_error_report(tiny):
         convert.glip_params_from_torch(broken, config)
     message = str(err.value)
     assert "rpn.head.bias0" in message and "rpn.head.extra.weight" in message and "rpn.head.log_scale" in message
+
+
+def test_config_from_fields_and_bundled_text_encoder():
+    import ml_collections
+
+    from glipjax import pretrained
+    from glipjax.models.glip import config_from_fields
+
+    text, text_params = convert.load_hf_bert(pretrained.minilm_dir())
+    fields = ml_collections.ConfigDict(dict(preset="glip_tiny", fusion_embed_dim=256, fusion_heads=0,
+                                            anchor_sizes=(16, 32, 64, 128, 256), remat=True))
+    config = config_from_fields(fields, text, max_text_len=64)
+    assert config.text.hidden_size == 384 and config.head.text_width == 384
+    assert config.head.fusion_embed_dim == 256 and config.head.fusion_heads == 8  # 0 keeps the preset
+    assert config.anchor_sizes == (16, 32, 64, 128, 256) and config.max_text_len == 64 and config.remat
+    expected = convert.glip_abstract_params(config)["language_backbone"]
+    assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(text_params)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        config_from_fields(ml_collections.ConfigDict(dict(preset="glip_xl")))

@@ -185,3 +185,25 @@ def losses(
     box_regression = jnp.concatenate([r.reshape(batch, -1, 4) for r in outputs["bbox_reg"]], axis=1)
     centerness = jnp.concatenate([c.reshape(batch, -1) for c in outputs["centerness"]], axis=1)
     return glip_losses(token_logits, box_regression, centerness, anchors, targets, text_mask, **loss_options)
+
+
+def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
+    """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
+    optional changes (0 or () keeps the preset's value): fusion_embed_dim,
+    fusion_heads, anchor_sizes, remat. `text` replaces the language model's config."""
+    if model.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
+    config = PRESETS[model.preset]()
+    head = config.head
+    if text is not None:
+        head = dataclasses.replace(head, text=text)
+    if model.get("fusion_embed_dim"):
+        head = dataclasses.replace(head, fusion_embed_dim=model.fusion_embed_dim)
+    if model.get("fusion_heads"):
+        head = dataclasses.replace(head, fusion_heads=model.fusion_heads)
+    changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False))}
+    if model.get("anchor_sizes"):
+        changes["anchor_sizes"] = tuple(model.anchor_sizes)
+    if max_text_len:
+        changes["max_text_len"] = max_text_len
+    return dataclasses.replace(config, **changes)
