@@ -36,4 +36,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shapes.num_captions = 16 if tiny else 1000
     c.data.shapes.num_novel = 16 if tiny else 400
     c.data.shapes.max_objects = 6
+
+    # The training input (glipjax.data.pipeline): a weighted mix of named sources.
+    # Each source: kind (shapes, coco, mdetr, pseudo_labels, image_text), weight,
+    # prompt ("caption": the caption plus negatives from other captions; "detection":
+    # shuffled class prompt with sampled negatives; "fixed": every class in order) and
+    # the kind's own fields (shapes: split).
+    c.data.sources = ml_collections.ConfigDict()
+    c.data.sources.shapes_captions = ml_collections.ConfigDict(
+        dict(kind="shapes", split="train", prompt="caption", weight=0.6))
+    c.data.sources.shapes_detection = ml_collections.ConfigDict(
+        dict(kind="shapes", split="train", prompt="detection", weight=0.4))
+    c.data.batch_size = 8 if tiny else 16  # global; each host reads batch_size / hosts
+    c.data.canvas = (96, 96) if tiny else (128, 128)  # (height, width), multiples of 32
+    c.data.short_sides = (64, 80, 96) if tiny else (96, 112, 128)
+    c.data.max_size = 96 if tiny else 128
+    c.data.eval_short_side = 96 if tiny else 128
+    c.data.eval_max_size = 96 if tiny else 128
+    c.data.flip_prob = 0.5
+    c.data.max_boxes = 8
+    c.data.max_text_len = 64 if tiny else 128
+    c.data.tokenizer = ""  # "" for the bundled bert-base-uncased vocabulary, else a local path
+    c.data.shuffle_buffer = 64 if tiny else 1000
+    c.data.num_negative_captions = 2
     return c

@@ -70,10 +70,10 @@ def resized_size(
     keep = ((w <= h) & tf.equal(w, size)) | ((h <= w) & tf.equal(h, size))
     oh = tf.where(keep, h, tf.where(w < h, tf.floor(size * h / w), size))
     ow = tf.where(keep, w, tf.where(w < h, size, tf.floor(size * w / h)))
-    ch, cw = float(canvas[0]), float(canvas[1])
-    fit = tf.minimum(1.0, tf.minimum(ch / oh, cw / ow))
-    oh = tf.where(fit < 1.0, tf.minimum(ch, tf.floor(oh * fit)), oh)
-    ow = tf.where(fit < 1.0, tf.minimum(cw, tf.floor(ow * fit)), ow)
+    ch, cw, one = (tf.constant(v, tf.float64) for v in (canvas[0], canvas[1], 1.0))
+    fit = tf.minimum(one, tf.minimum(ch / oh, cw / ow))
+    oh = tf.where(fit < one, tf.minimum(ch, tf.floor(oh * fit)), oh)
+    ow = tf.where(fit < one, tf.minimum(cw, tf.floor(ow * fit)), ow)
     return tf.cast(oh, tf.int32), tf.cast(ow, tf.int32)
 
 

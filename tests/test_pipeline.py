@@ -1,0 +1,188 @@
+"""The input pipeline on the tiny shapes mix (configs/demo.py:tiny): shapes and dtypes,
+determinism, resume in a new process, per-host sharding, mix proportions, global
+arrays on the 8 fake CPU devices, evaluation order and runtime drops."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from glipjax.config import load_config
+from glipjax.data import pipeline
+
+NUM_BATCHES = 40  # 320 samples for the mix proportions
+
+
+def _config(*overrides):
+    return load_config("configs/demo.py:tiny", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def batches(data_dir):
+    loader = pipeline.DataLoader(_config(), data_dir, process_index=0, process_count=1)
+    return [loader.next_host_batch() for _ in range(NUM_BATCHES)], loader
+
+
+def test_batch_fields_shapes_dtypes_and_contents(batches):
+    batch = batches[0][0]
+    b, g, L = 8, 8, 64
+    expected = {
+        "images": ((b, 96, 96, 3), np.float32), "input_ids": ((b, L), np.int32),
+        "attention_mask": ((b, L), np.int32), "gt_boxes": ((b, g, 4), np.float32), "gt_mask": ((b, g), np.bool_),
+        "positive_map": ((b, g, L), np.float32), "image_sizes": ((b, 2), np.int32), "image_id": ((b,), np.int64),
+        "source": ((b,), np.int32),
+    }
+    assert set(batch) == set(pipeline.BATCH_FIELDS) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert batch[key].shape == shape and batch[key].dtype == dtype, key
+    for batch in batches[0][:5]:
+        assert np.all(batch["input_ids"][:, 0] == 101), "[CLS] first"
+        mask = batch["gt_mask"]
+        assert mask.any(axis=1).all(), "every shapes image keeps a box"
+        rows = batch["positive_map"].sum(-1)
+        np.testing.assert_allclose(rows[mask], 1.0, atol=1e-4)  # rows normalised (1e-6 per token)
+        assert np.all(rows[~mask] == 0) and np.all(batch["gt_boxes"][~mask] == 0)
+        # Tokens a box binds to are real tokens; boxes lie inside the resized image.
+        assert np.all((batch["positive_map"] > 0) <= batch["attention_mask"][:, None, :].astype(bool))
+        h, w = batch["image_sizes"][:, 0:1], batch["image_sizes"][:, 1:2]
+        boxes = batch["gt_boxes"]
+        assert np.all(boxes[..., 2][mask] <= (w - 1)[:, 0].repeat(8).reshape(8, 8)[mask])
+        assert np.all(boxes[..., 3][mask] <= (h - 1)[:, 0].repeat(8).reshape(8, 8)[mask])
+        assert set(np.unique(batch["image_sizes"])) <= {64, 80, 96}
+
+
+def test_same_seed_same_batches_other_seed_differs(data_dir, batches):
+    first = batches[0][:3]
+    again = pipeline.DataLoader(_config(), data_dir, process_index=0, process_count=1)
+    other = pipeline.DataLoader(_config("seed=1"), data_dir, process_index=0, process_count=1)
+    for reference in first:
+        batch = again.next_host_batch()
+        assert all(np.array_equal(reference[k], batch[k]) for k in reference)
+    assert not np.array_equal(first[0]["images"], other.next_host_batch()["images"])
+
+
+_RESTORE_SCRIPT = """
+import sys, numpy as np
+from glipjax.config import load_config
+from glipjax.data import pipeline
+loader = pipeline.DataLoader(load_config("configs/demo.py:tiny"), sys.argv[1], process_index=0, process_count=1)
+loader.restore(sys.argv[2])
+batches = [loader.next_host_batch() for _ in range(5)]
+np.savez(sys.argv[3], **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+print(loader.runtime_drops)
+"""
+
+
+def test_resume_in_a_new_process_gives_the_next_batches_byte_for_byte(data_dir, batches, tmp_path, repo_root):
+    loader = pipeline.DataLoader(_config(), data_dir, process_index=0, process_count=1)
+    for _ in range(3):
+        loader.next_host_batch()
+    loader.save(tmp_path / "state")
+    out = tmp_path / "next.npz"
+    result = subprocess.run(
+        [sys.executable, "-c", _RESTORE_SCRIPT, str(data_dir), str(tmp_path / "state"), str(out)],
+        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = np.load(out)
+    for i, expected in enumerate(batches[0][3:8]):
+        for key, value in expected.items():
+            got = restored[f"{i}/{key}"]
+            assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), (i, key)
+    assert json.loads((tmp_path / "state" / "drop_counts.json").read_text()).keys() <= set(pipeline.RUNTIME_DROPS)
+
+
+def test_two_hosts_read_disjoint_records(data_dir):
+    ids = []
+    for index in range(2):
+        loader = pipeline.DataLoader(_config(), data_dir, process_index=index, process_count=2)
+        assert [s.size for s in loader.sources] == [24, 24]
+        seen = set()
+        for _ in range(12):  # 48 samples from 24 records per source
+            batch = loader.next_host_batch()
+            assert batch["images"].shape[0] == 4, "the host batch is the global batch / 2"
+            seen.update(batch["image_id"].tolist())
+        ids.append(seen)
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert len(ids[0] | ids[1]) > 30, "together the hosts cover most of the 48 records"
+
+
+def test_mix_proportions_follow_the_weights(batches):
+    sources = np.concatenate([b["source"] for b in batches[0]])
+    fraction = float(np.mean(sources == 0))  # shapes_captions, weight 0.6
+    # 320 samples: binomial standard deviation 0.027; allow 3.5 of them.
+    assert abs(fraction - 0.6) < 0.095, fraction
+    names = batches[1].source_names
+    assert names == ["shapes_captions", "shapes_detection"]
+
+
+def test_detection_and_caption_prompts_differ(batches):
+    batch = batches[0][0]
+    captions = batch["input_ids"][batch["source"] == 0]
+    detections = batch["input_ids"][batch["source"] == 1]
+    assert len(captions) and len(detections)
+    period = 1012  # "." in the bert-base-uncased vocabulary
+    # A detection prompt separates its classes with ". "; a shapes caption is one sentence.
+    assert all((ids == period).sum() >= 1 for ids in detections)
+
+
+def test_global_arrays_are_sharded_over_the_data_axes(data_dir):
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+    loader = pipeline.DataLoader(_config(), data_dir, mesh=mesh)
+    batch = next(loader)
+    for key, value in batch.items():
+        assert isinstance(value, jax.Array) and value.shape[0] == 8, key
+        assert value.sharding.spec[0] == ("data", "fsdp"), key
+        assert len(value.addressable_shards) == 8 and value.addressable_shards[0].data.shape[0] == 1
+    tensor_mesh = jax.make_mesh((2, 4), ("data", "tensor"))
+    images = pipeline.make_global({"images": np.zeros((8, 4, 4, 3), np.float32)}, tensor_mesh)["images"]
+    assert images.sharding.spec[0] in ("data", ("data",)) and images.addressable_shards[0].data.shape[0] == 4
+
+
+def test_evaluation_reads_each_record_once_in_order_with_padding(data_dir):
+    cfg = _config("data.batch_size=5", "data.sources.shapes_detection.prompt=fixed")
+    loader = pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1, training=False)
+    batches = []
+    while True:
+        try:
+            batches.append(loader.next_host_batch())
+        except StopIteration:
+            break
+    sources = np.concatenate([b["source"] for b in batches])
+    ids = np.concatenate([b["image_id"] for b in batches])
+    assert len(sources) == 100 and (sources == -1).sum() == 4, "96 records and 4 padding examples"
+    assert np.array_equal(ids[:48], ids[48:96]) and len(set(ids[:48].tolist())) == 48
+    assert set(np.unique(np.concatenate([b["image_sizes"] for b in batches])[:96])) == {96}
+    fixed = np.concatenate([b["input_ids"] for b in batches])[48:96]
+    assert np.all(fixed == fixed[0]), "the fixed class prompt is the same for every image"
+
+
+def test_prompt_truncation_drops_are_counted(data_dir):
+    # 16 tokens hold only a few classes: boxes of the classes cut off are dropped.
+    cfg = _config("data.max_text_len=16", "data.sources.shapes_captions.weight=0.01")
+    loader = pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1)
+    for _ in range(4):
+        batch = loader.next_host_batch()
+        assert batch["input_ids"].shape == (8, 16)
+    report = loader.drop_report()
+    assert report["runtime"]["dropped_prompt"] > 0
+    assert set(report) == {"shapes_captions", "shapes_detection", "runtime"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.sources.shapes_captions.kind=nope", "unknown kind 'nope'"),
+    ("data.sources.shapes_captions.prompt=nope", "unknown prompt 'nope'"),
+    ("data.batch_size=7", "not divisible by 2"),
+])
+def test_bad_config_names_the_field(data_dir, override, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.DataLoader(_config(override), data_dir, process_index=0, process_count=2)
