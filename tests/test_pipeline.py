@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -186,3 +187,48 @@ def test_prompt_truncation_drops_are_counted(data_dir):
 def test_bad_config_names_the_field(data_dir, override, message):
     with pytest.raises(ValueError, match=message):
         pipeline.DataLoader(_config(override), data_dir, process_index=0, process_count=2)
+
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def _fixture_sources(**weights):
+    cfg = _config("data.batch_size=4").unlock()
+    entries = {
+        "coco": dict(kind="coco", annotations=str(FIXTURES / "coco_instances.json"), images=str(FIXTURES / "images")),
+        "flickr": dict(kind="mdetr", annotations=str(FIXTURES / "mdetr_flickr_train.json"),
+                       images=str(FIXTURES / "images")),
+        "pseudo": dict(kind="pseudo_labels", annotations=str(FIXTURES / "pseudo_labels_v1.jsonl"),
+                       images=str(FIXTURES / "images")),
+        "captions": dict(kind="image_text", annotations=str(FIXTURES / "image_text.jsonl"), images=str(FIXTURES)),
+    }
+    cfg.data.sources = ml_collections.ConfigDict({k: {**entries[k], "weight": w} for k, w in weights.items()})
+    return cfg
+
+
+def test_real_format_sources_mix_into_fixed_batches(data_dir):
+    cfg = _fixture_sources(coco=1.0, flickr=1.0, pseudo=1.0, captions=1.0)
+    loader = pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1)
+    assert loader.source_names == ["captions", "coco", "flickr", "pseudo"]
+    assert [s.prompt for s in loader.sources] == ["caption", "detection", "caption", "caption"]
+    seen = set()
+    for _ in range(6):
+        batch = loader.next_host_batch()
+        assert batch["images"].shape == (4, 96, 96, 3) and batch["positive_map"].shape == (4, 8, 64)
+        seen.update(batch["source"].tolist())
+        assert not batch["gt_mask"][batch["source"] == 0].any(), "image-caption pairs carry no boxes"
+    assert seen == {0, 1, 2, 3}
+    assert loader.drop_report()["coco"] == {"boxes/iscrowd": 1}
+    loader.close()
+
+
+def test_coco_boxes_follow_the_reference_conversion_and_resize(data_dir):
+    cfg = _fixture_sources(coco=1.0)
+    with cfg.unlocked():
+        cfg.data.sources.coco.prompt = "fixed"
+    loader = pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1, training=False)
+    batch = loader.next_host_batch()
+    row = batch["image_id"].tolist().index(42)  # street.jpg, 64x48
+    assert batch["image_sizes"][row].tolist() == [72, 96]  # long side capped at 96: short side round(96*48/64)
+    # Its first box [x, y, w, h] = [4, 20, 24, 26] -> +1 xyxy [4, 20, 27, 45], scaled by 1.5.
+    np.testing.assert_allclose(batch["gt_boxes"][row, 0], [6.0, 30.0, 40.5, 67.5], rtol=1e-6)

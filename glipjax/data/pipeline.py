@@ -46,6 +46,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from glipjax.data import prompts, shapes, tokenizer, transforms
+from glipjax.data.builders import common
 from glipjax.data.builders import shapes as shapes_builder
 
 SOURCE_KINDS = ("shapes", "coco", "mdetr", "pseudo_labels", "image_text")
@@ -119,6 +120,50 @@ def _shapes_source(
     categories = shapes.CATEGORIES if split == "novel" else shapes.BASE_CATEGORIES
     names = tuple(c.name for c in categories)
     return Source(name, "shapes", float(src.weight), src.get("prompt", "caption"), records, names, size, {})
+
+
+def _common_record(record: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    """A record of the common schema (glipjax.data.builders.common) with its per-object
+    spans flattened: span_values (M, 2) and span_lengths (N,)."""
+    objects = record["objects"]
+    spans = objects["spans"]
+    if not isinstance(spans, tf.RaggedTensor):
+        spans = tf.RaggedTensor.from_tensor(spans)
+    return {
+        "image": record["image"],
+        "image_id": record["image_id"],
+        "caption": record["caption"],
+        "boxes": tf.reshape(objects["bbox"], [-1, 4]),
+        "category": objects["category"],
+        "span_values": tf.reshape(tf.cast(spans.flat_values, tf.int32), [-1, 2]),
+        "span_lengths": tf.cast(spans.row_lengths(), tf.int32),
+        "score": objects["score"],
+    }
+
+
+_DEFAULT_PROMPTS = {"coco": "detection", "mdetr": "caption", "pseudo_labels": "caption", "image_text": "caption"}
+_SOURCE_FIELDS = ("kind", "weight", "prompt", "split")  # the rest are the builder's paths and options
+
+
+def _built_source(
+    name: str, src: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
+    data_dir: pathlib.Path, process_index: int, process_count: int,
+) -> Source:
+    """A source written by a glipjax.data.builders builder from local files (built on
+    first use); the source's other fields are the builder's paths and options."""
+    split = src.get("split", "train")
+    args = {k: src[k] for k in src if k not in _SOURCE_FIELDS}
+    part = _host_split(split, process_index, process_count)
+
+    def records() -> tf.data.Dataset:
+        ds, _ = common.load_source(src.kind, data_dir=data_dir, split=split, part=part,
+                                   decoders={"image": tfds.decode.SkipDecoding()}, **args)
+        return ds.map(_common_record)
+
+    _, meta = common.load_source(src.kind, data_dir=data_dir, split=split, part=part, **args)  # builds once
+    prompt = src.get("prompt", _DEFAULT_PROMPTS[src.kind])
+    return Source(name, src.kind, float(src.weight), prompt, records, tuple(meta.get("class_names", ())),
+                  int(meta["num_examples"]), dict(meta["drops"]))
 
 
 def _example_seed(seed: int, source_index: int, index: tf.Tensor) -> tf.Tensor:
@@ -405,4 +450,4 @@ class PromptEncoder:
         return encode
 
 
-_OPENERS: dict[str, Callable[..., Source]] = {"shapes": _shapes_source}
+_OPENERS: dict[str, Callable[..., Source]] = {"shapes": _shapes_source, **{k: _built_source for k in _DEFAULT_PROMPTS}}
