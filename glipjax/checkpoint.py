@@ -1,0 +1,300 @@
+"""Training checkpoints with Orbax: periodic asynchronous saves, retention, preemption.
+
+Layout of a workdir's checkpoints (one Orbax CheckpointManager under `<workdir>/checkpoints`):
+
+    checkpoints/<step>/state   the trainer's state pytree (params, opt_state, ema, step,
+                               rng, ...; any pytree of arrays) via StandardSave
+    checkpoints/<step>/data    the data pipeline state as JSON: {"kind": "json", "value": dict}
+                               or {"kind": "bytes", "base64": str}
+
+Both items are written by one `save` and published together by Orbax's atomic rename of
+the step's temporary folder, so a crash mid-save never leaves a step with one item
+missing. The data loader's `save(directory)`/`restore(directory)` write files, so the
+trainer packs them into bytes with `pack_loader_state(loader)` and unpacks with
+`unpack_loader_state(loader, blob)` (a tar archive of that directory): keeping the files
+inside Orbax's item avoids writing into a step folder that Orbax may still be
+finalising, deleting, or that another host owns.
+
+Typical loop (single or multi host):
+
+    ckpt = Checkpointer(workdir, **config.checkpoint)  # save_every, keep, best_metric, ...
+    install_sigterm_handler()
+    restored = ckpt.restore_latest(abstract_state)     # ShapeDtypeStructs with shardings
+    if restored: step, state, blob = restored; unpack_loader_state(loader, blob)
+    for step in range(step + 1, total + 1):
+        state = train_step(state, next(loader))
+        ckpt.save(step, state, pack_loader_state(loader))       # no-op off the interval
+        if preemption_requested(step):
+            ckpt.save(step, state, pack_loader_state(loader), force=True); ckpt.wait(); break
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import pathlib
+import signal
+import tarfile
+import tempfile
+import threading
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+PyTree = Any
+DataState = dict | bytes
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+BEST_MODES = ("max", "min")
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves and restores (state, data state) steps of one run under `<workdir>/checkpoints`.
+
+    save_every: `save` writes only on multiples of this step (or with force=True).
+    keep: the most recent `keep` steps are kept.
+    best_metric / best_mode / keep_best: also keep the `keep_best` steps with the best
+      value of metrics[best_metric] ("max" or "min") among saves that passed metrics.
+    async_save: `save` returns after copying arrays to host; the write finishes in the
+      background (call `wait()` before relying on it, `close()` at the end).
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        save_every: int = 1000,
+        keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        keep_best: int = 1,
+        async_save: bool = True,
+    ):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the latest step is needed to resume), got {keep}")
+        if best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
+        if best_metric is not None and keep_best < 1:
+            raise ValueError(f"keep_best must be >= 1 when best_metric is set, got {keep_best}")
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.best_metric = best_metric
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
+        best_fn = None if best_metric is None else _metric_getter(best_metric)
+        if best_fn is not None:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=best_fn,
+                reverse=best_mode == "min",
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
+        options = ocp.CheckpointManagerOptions(
+            # Only the interval and JAX's multi-host preemption sync point, not Orbax's
+            # default extra save of a run's first step.
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]),
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # best_fn only makes Orbax write each step's metrics, so a resumed run
+            # still knows which steps are best; retention is the policy above.
+            best_fn=best_fn,
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=(STATE_ITEM, DATA_ITEM), options=options)
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        data_state: DataState,
+        metrics: dict[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `step` if it is on the interval (or `force`); returns whether it saved.
+
+        A step that already exists is never overwritten (returns False). With keep-best,
+        `metrics` should hold `best_metric` for the step to compete for best.
+        """
+        if self.best_metric is not None and metrics is not None and self.best_metric not in metrics:
+            raise KeyError(f"metrics {sorted(metrics)} lack the best_metric {self.best_metric!r}")
+        if force:
+            self._manager.wait_until_finished()
+            if step in self._manager.all_steps():
+                return False
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: ocp.args.JsonSave(_encode_data_state(data_state)),
+            }),
+            metrics=metrics,
+            force=force,
+        )
+
+    def all_steps(self) -> list[int]:
+        """Complete steps on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree, DataState] | None:
+        """(step, state, data_state) of the newest restorable step, or None if none exists.
+
+        `abstract_state` mirrors the saved state with jax.ShapeDtypeStruct leaves whose
+        `sharding` says where each restored array goes (any mesh; arrays are resharded
+        on read), e.g. `jax.eval_shape` of the init with the shardings attached. A step
+        that fails to restore (damaged files) is logged and skipped for the one before.
+        """
+        target = jax.tree.map(_abstract_leaf, abstract_state)
+        steps = self.all_steps()
+        error: Exception | None = None
+        for step in reversed(steps):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                    STATE_ITEM: ocp.args.StandardRestore(target),
+                    DATA_ITEM: ocp.args.JsonRestore(),
+                }))
+                return step, restored[STATE_ITEM], _decode_data_state(restored[DATA_ITEM])
+            except Exception as e:  # damaged files surface as many error types
+                log.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying an earlier one",
+                            step, self.directory, type(e).__name__, e)
+                error = e
+        if error is not None:
+            raise RuntimeError(
+                f"None of the checkpoint steps {steps} in {self.directory} could be restored "
+                "(does abstract_state match the saved state?)") from error
+        return None
+
+    def wait(self) -> None:
+        """Blocks until any background save has been committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _metric_getter(name: str) -> Callable[[dict[str, float]], float]:
+    return lambda metrics: float(metrics[name])
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+
+def _encode_data_state(data_state: DataState) -> dict[str, Any]:
+    if isinstance(data_state, bytes):
+        return {"kind": "bytes", "base64": base64.b64encode(data_state).decode("ascii")}
+    if isinstance(data_state, dict):
+        return {"kind": "json", "value": data_state}
+    raise TypeError(f"data_state must be a JSON-serialisable dict or bytes, got {type(data_state).__name__}")
+
+
+def _decode_data_state(item: dict[str, Any]) -> DataState:
+    if item.get("kind") == "bytes":
+        return base64.b64decode(item["base64"])
+    if item.get("kind") == "json":
+        return item["value"]
+    raise ValueError(f"Unknown data-state item kind {item.get('kind')!r}")
+
+
+class DirectoryState(Protocol):
+    """An object whose state is files in a directory (the data loader)."""
+
+    def save(self, directory: str | os.PathLike) -> None: ...
+
+    def restore(self, directory: str | os.PathLike) -> None: ...
+
+
+def pack_loader_state(loader: DirectoryState) -> bytes:
+    """The files `loader.save(dir)` writes, as an uncompressed tar archive."""
+    with tempfile.TemporaryDirectory() as tmp:
+        loader.save(tmp)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in sorted(pathlib.Path(tmp).rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(tmp)), recursive=False)
+        return buffer.getvalue()
+
+
+def unpack_loader_state(loader: DirectoryState, blob: bytes) -> None:
+    """Restores `loader` from an archive made by `pack_loader_state`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+            tar.extractall(tmp, filter="data")
+        loader.restore(tmp)
+
+
+_preemption = threading.Event()
+
+
+def install_sigterm_handler() -> None:
+    """Makes SIGTERM set the flag that `preemption_requested` reports (instead of killing
+    the process), so the loop can save and exit cleanly. Call from the main thread.
+
+    With several processes (jax.distributed), JAX's preemption service already watches
+    for the signal and `preemption_requested(step)` asks it, so all hosts stop on the
+    same step; the handler is then not installed.
+    """
+    if jax.process_count() > 1:
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: _preemption.set())
+
+
+def preemption_requested(step: int) -> bool:
+    """Whether the loop should save `step` now and exit. Call once per step on every host."""
+    if jax.process_count() > 1:
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:  # the preemption service is disabled
+            return False
+    return _preemption.is_set()
+
+
+def export_params(params: PyTree, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Writes a params-only checkpoint (Orbax StandardSave) to `directory`, synchronously."""
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory, params, force=overwrite)
+        checkpointer.wait_until_finished()
+
+
+def load_params(directory: str | os.PathLike, abstract: PyTree | None = None) -> PyTree:
+    """Reads a checkpoint written by `export_params`.
+
+    With `abstract` (ShapeDtypeStructs carrying shardings, or arrays) the params come back
+    as jax.Arrays placed accordingly; without it, as host numpy arrays.
+    """
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No params checkpoint at {directory}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        if abstract is not None:
+            return checkpointer.restore(directory, jax.tree.map(_abstract_leaf, abstract))
+        metadata = checkpointer.metadata(directory).item_metadata
+        as_numpy = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
+        return checkpointer.restore(directory, as_numpy)
