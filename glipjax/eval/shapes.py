@@ -1,0 +1,276 @@
+"""AP on the shapes dataset: held-out images, novel colour-shape pairs, and the
+swapped-colour control.
+
+Every image is scored against the full class prompt of its split's categories
+(validation and train: the 30 base pairs; novel: all 36 pairs, so a novel pair is
+found only through the words of the prompt). A prompt longer than the text length
+is split into chunks (glipjax.data.prompts.chunk_classes), one forward pass per
+chunk, and the per-image detections of the chunks are merged: phrase labels become
+category ids, and the `max_detections` best-scoring boxes are kept.
+
+prompt_mode "swapped_colors" names each class with another colour (COLOR_SWAP, a
+fixed derangement) while detections still count for the true category, so a model
+that reads the colour words falls far below its "true" figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import transformers
+
+from glipjax.data import shapes, transforms
+from glipjax.data.builders.shapes import load_split
+from glipjax.data.prompts import chunk_classes, class_prompt, positive_map
+from glipjax.data.tokenizer import encode, load_tokenizer
+from glipjax.eval.coco import CocoBoxEvaluator
+from glipjax.models.glip import GLIPConfig, detect
+from glipjax.models.postprocess import Detections
+
+PROMPT_MODES = ("true", "swapped_colors")
+# Each colour -> the next one in shapes.COLORS (cyclic), so no colour maps to itself.
+_COLOR_NAMES = tuple(shapes.COLORS)
+COLOR_SWAP: dict[str, str] = {c: _COLOR_NAMES[(i + 1) % len(_COLOR_NAMES)] for i, c in enumerate(_COLOR_NAMES)}
+
+# model_fn(params, images (B, H, W, 3), input_ids (B, L), attention_mask (B, L)) -> GLIP outputs
+ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, Any]]
+# forward(params, images, input_ids, attention_mask, positive_map (P, L), phrase_mask (P,), image_sizes (B, 2))
+Forward = Callable[..., Detections]
+
+
+def split_categories(split: str) -> tuple[shapes.Category, ...]:
+    """The categories a split is scored on: all 36 pairs for "novel", else the base pairs."""
+    if split not in shapes.SPLITS_WITH_BOXES:
+        raise ValueError(f"split {split!r} has no boxes to score; choose one of {shapes.SPLITS_WITH_BOXES}")
+    return shapes.CATEGORIES if split == "novel" else shapes.BASE_CATEGORIES
+
+
+def prompt_names(categories: Sequence[shapes.Category], prompt_mode: str) -> list[str]:
+    """The class names written into the prompt: true names, or colours swapped by COLOR_SWAP."""
+    if prompt_mode == "true":
+        return [c.name for c in categories]
+    if prompt_mode == "swapped_colors":
+        return [f"{COLOR_SWAP[c.color]} {c.shape}" for c in categories]
+    raise ValueError(f"Unknown prompt_mode {prompt_mode!r}; choose one of {PROMPT_MODES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptChunk:
+    """One encoded chunk of a class prompt, padded to a fixed number of phrases."""
+
+    caption: str
+    input_ids: np.ndarray  # (L,) int32
+    attention_mask: np.ndarray  # (L,) int32
+    positive_map: np.ndarray  # (P, L) float32, rows past the chunk's classes zero
+    phrase_mask: np.ndarray  # (P,) bool
+    category_ids: np.ndarray  # (P,) int64, the category of each phrase (0 for padding)
+
+
+def build_prompt_chunks(
+    names: Sequence[str],
+    category_ids: Sequence[int],
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    text_len: int,
+    budget: int | None = None,
+    num_phrases: int | None = None,
+) -> list[PromptChunk]:
+    """Splits the class prompt of `names` into chunks that fit `budget` tokens
+    (default text_len), each encoded to text_len tokens with its positive map padded
+    to num_phrases phrases (default len(names)), so every chunk has the same shapes."""
+    if len(names) != len(category_ids):
+        raise ValueError(f"{len(names)} names but {len(category_ids)} category ids")
+    num_phrases = len(names) if num_phrases is None else num_phrases
+    if num_phrases < len(names):
+        raise ValueError(f"num_phrases ({num_phrases}) is below the number of classes ({len(names)})")
+    budget = text_len if budget is None else budget
+    if budget > text_len:
+        raise ValueError(f"budget ({budget}) cannot exceed text_len ({text_len})")
+    chunks = []
+    for indices in chunk_classes(names, tokenizer, budget):
+        caption, spans = class_prompt([names[i] for i in indices])
+        ids, mask, encoding = encode(tokenizer, caption, text_len)
+        pmap, mapped = positive_map(encoding, [[span] for span in spans], text_len)
+        full_map = np.zeros((num_phrases, text_len), np.float32)
+        full_map[: len(indices)] = pmap
+        phrase_mask = np.zeros(num_phrases, bool)
+        phrase_mask[: len(indices)] = mapped
+        ids_of = np.zeros(num_phrases, np.int64)
+        ids_of[: len(indices)] = [category_ids[i] for i in indices]
+        chunks.append(PromptChunk(caption, ids, mask, full_map, phrase_mask, ids_of))
+    return chunks
+
+
+@functools.lru_cache(maxsize=8)
+def make_forward(model_fn: ModelFn, config_glip: GLIPConfig) -> Forward:
+    """The jitted forward pass plus post-processing; cached, so passing the same
+    model_fn again reuses its compiled versions."""
+
+    def forward(params, images, input_ids, attention_mask, pmap, phrase_mask, image_sizes):
+        outputs = model_fn(params, images, input_ids, attention_mask)
+        return detect(config_glip, outputs, pmap, phrase_mask, image_sizes, images.shape[1:3])
+
+    return jax.jit(forward)
+
+
+def detect_chunked(
+    forward: Forward,
+    params: Any,
+    images: np.ndarray,
+    image_sizes: np.ndarray,
+    chunks: Sequence[PromptChunk],
+    max_detections: int,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Runs every chunk on the batch and merges per image: (boxes (D, 4) in input
+    pixels, scores (D,), category ids (D,)), the best max_detections by score."""
+    if not chunks:
+        raise ValueError("no prompt chunks")
+    batch = images.shape[0]
+    parts: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(batch)]
+    for chunk in chunks:
+        ids = np.broadcast_to(chunk.input_ids, (batch, chunk.input_ids.shape[0]))
+        mask = np.broadcast_to(chunk.attention_mask, ids.shape)
+        dets = jax.device_get(forward(params, images, ids, mask, chunk.positive_map, chunk.phrase_mask, image_sizes))
+        for b in range(batch):
+            keep = np.asarray(dets.valid[b])
+            labels = chunk.category_ids[np.asarray(dets.labels[b])[keep] - 1]
+            parts[b].append((np.asarray(dets.boxes[b])[keep], np.asarray(dets.scores[b])[keep], labels))
+    merged = []
+    for per_chunk in parts:
+        boxes, scores, labels = (np.concatenate(x) for x in zip(*per_chunk))
+        order = np.argsort(-scores, kind="stable")[:max_detections]
+        merged.append((boxes[order], scores[order], labels[order]))
+    return merged
+
+
+def _transform_config(data: ml_collections.ConfigDict) -> transforms.TransformConfig:
+    return transforms.TransformConfig(
+        canvas=tuple(data.canvas), short_sides=tuple(data.short_sides), max_size=data.max_size,
+        eval_short_side=data.eval_short_side, eval_max_size=data.eval_max_size,
+        flip_prob=data.flip_prob, max_boxes=data.max_boxes,
+    )
+
+
+def _eval_examples(ds: tf.data.Dataset, tcfg: transforms.TransformConfig) -> tf.data.Dataset:
+    """Records -> eval-transformed image, its size before and after resizing, and the
+    ground truth in +1-convention xyxy."""
+
+    def prepare(record):
+        image = record["image"]
+        out = transforms.transform(image, tf.zeros([0, 4]), {}, tf.zeros([2], tf.int64), tcfg, training=False)
+        x0, y0, x1, y1 = tf.unstack(tf.reshape(record["objects"]["bbox"], [-1, 4]), axis=-1)
+        return {
+            "image": out["image"],
+            "image_size": out["image_size"],
+            "original_size": tf.shape(image)[:2],
+            "image_id": record["image_id"],
+            "gt_boxes": tf.stack([x0, y0, x1 - 1.0, y1 - 1.0], axis=-1),  # pixel-edge -> +1 convention
+            "gt_labels": record["objects"]["category_id"],
+        }
+
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _batches(examples, batch_size: int):
+    """Lists of at most batch_size examples."""
+    batch = []
+    for example in examples:
+        batch.append(example)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def evaluate_shapes(
+    model_fn: ModelFn,
+    params: Any,
+    config_glip: GLIPConfig,
+    cfg: ml_collections.ConfigDict,
+    data_dir: str | os.PathLike,
+    split: str,
+    prompt_mode: str = "true",
+    max_images: int | None = None,
+    *,
+    batch_size: int | None = None,
+    prompt_budget: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """AP of a GLIP model on a shapes split (built under data_dir if needed).
+
+    model_fn(params, images, input_ids, attention_mask) returns the GLIP outputs
+    (e.g. `lambda p, *x: GLIP(config_glip).apply({"params": p}, *x)`); pass the same
+    function each time to reuse the compiled forward. cfg is the demo config (its
+    data.shapes, sizes and tokenizer are read); texts are config_glip.max_text_len
+    tokens and prompt chunks fit prompt_budget tokens (default: the same). Batches of
+    batch_size images (default cfg.data.batch_size; the last one padded) keep one
+    compiled shape. Progress lines go to stderr.
+
+    Returns AP and AP50 over the split's categories, novel_AP and novel_AP50 on the
+    novel pairs (novel split only), num_images, num_chunks, split and prompt_mode.
+    """
+    categories = split_categories(split)
+    names = prompt_names(categories, prompt_mode)
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be at least 1, got {max_images}")
+    batch_size = int(batch_size or cfg.data.batch_size)
+    text_len = config_glip.max_text_len
+    tokenizer = load_tokenizer(cfg.data.tokenizer or None)
+    # Phrases padded to all 36 categories: every split and mode shares one compiled shape.
+    chunks = build_prompt_chunks(names, [c.id for c in categories], tokenizer, text_len, prompt_budget,
+                                 num_phrases=len(shapes.CATEGORIES))
+    forward = make_forward(model_fn, config_glip)
+    max_detections = config_glip.postprocess.max_detections
+
+    ds = load_split(cfg.data.shapes, data_dir, split)
+    if max_images is not None:
+        ds = ds.take(max_images)
+    total = int(ds.cardinality())
+    examples = tfds.as_numpy(_eval_examples(ds, _transform_config(cfg.data)))
+    evaluator = CocoBoxEvaluator([(c.id, c.name) for c in shapes.CATEGORIES])
+    start = last_report = time.monotonic()
+    done = 0
+    for batch in _batches(examples, batch_size):
+        count = len(batch)
+        images = np.stack([e["image"] for e in batch])
+        sizes = np.stack([e["image_size"] for e in batch]).astype(np.int32)
+        if count < batch_size:  # pad to the compiled batch size
+            images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
+            sizes = np.concatenate([sizes, np.repeat(sizes[-1:], batch_size - count, axis=0)])
+        results = detect_chunked(forward, params, images, sizes, chunks, max_detections)
+        for example, (boxes, scores, labels) in zip(batch, results):
+            (rh, rw), (oh, ow) = example["image_size"], example["original_size"]
+            scale = np.asarray([ow / rw, oh / rh, ow / rw, oh / rh])
+            evaluator.add_image(
+                example["image_id"], example["gt_boxes"], example["gt_labels"],
+                boxes * scale, scores, labels, height=oh, width=ow,
+            )
+        done += count
+        now = time.monotonic()
+        if progress and (now - last_report > 10.0 or done == total):
+            rate = done / max(now - start, 1e-9)
+            eta = (total - done) / rate if total > 0 else float("nan")
+            print(f"eval shapes/{split} ({prompt_mode}): {done}/{total} images, {rate:.1f} images/s, "
+                  f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            last_report = now
+    if done == 0:
+        raise ValueError(f"shapes split {split!r} gave no images to evaluate")
+
+    report: dict[str, Any] = {"split": split, "prompt_mode": prompt_mode, "num_images": done,
+                              "num_chunks": len(chunks)}
+    overall = evaluator.result([c.id for c in categories])
+    report.update(AP=overall["AP"], AP50=overall["AP50"])
+    if split == "novel":
+        novel = evaluator.result([c.id for c in shapes.NOVEL_CATEGORIES])
+        report.update(novel_AP=novel["AP"], novel_AP50=novel["AP50"])
+    return report
