@@ -13,7 +13,10 @@ missing. The data loader's `save(directory)`/`restore(directory)` write files, s
 trainer packs them into bytes with `pack_loader_state(loader)` and unpacks with
 `unpack_loader_state(loader, blob)` (a tar archive of that directory): keeping the files
 inside Orbax's item avoids writing into a step folder that Orbax may still be
-finalising, deleting, or that another host owns.
+finalising, deleting, or that another host owns. The blob is held in memory and stored
+base64 in JSON (4/3 of its size), fine for loader states of a few tens of MB.
+Multi-host: like every Orbax JSON item, the data item is written by the primary process
+only, so it holds process 0's loader state; per-host loader states are not stored yet.
 
 Typical loop (single or multi host):
 
