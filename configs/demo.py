@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from glipjax import optim
+
 VARIANTS = ("default", "tiny")
 
 
@@ -58,5 +60,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_text_len = 64 if tiny else 128
     c.data.tokenizer = ""  # "" for the bundled bert-base-uncased vocabulary, else a local path
     c.data.shuffle_buffer = 64 if tiny else 1000
-    c.data.num_negative_captions = 2
+    c.data.num_negative_captions = 8  # the last 8 captions read; up to 20 are drawn from them
+
+    # The model: the tiny GLIP with the bundled MiniLM as its text encoder.
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "glip_tiny"
+    c.model.text_encoder = "minilm"  # "" for the preset's randomly initialised BERT, or a local HF BERT folder
+    c.model.fusion_embed_dim = 256  # 0 keeps the preset's (2048)
+    c.model.fusion_heads = 8
+    c.model.anchor_sizes = (16, 32, 64, 128, 256)  # objects of 8-60 px on a 128 px canvas
+    c.model.dtype = "float32"
+    c.model.remat = False
+
+    c.optim = optim.default_optim_config()
+    c.optim.warmup_steps = 50 if tiny else 200
+    c.optim.lr = 1e-4
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 4 if tiny else 1500
+    c.train.log_every = 1 if tiny else 20
+    c.train.max_bad_steps = 20  # consecutive non-finite steps before training stops
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding.rules = ()  # () for glipjax.sharding.DEFAULT_RULES
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_every = 2 if tiny else 250
+    c.checkpoint.keep = 2
     return c

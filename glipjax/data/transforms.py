@@ -78,10 +78,17 @@ def resized_size(
 
 
 def resize(image: tf.Tensor, boxes: tf.Tensor, size: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Bilinear (antialiased) resize of a uint8 image to `size` = (height, width), as
-    float32 0..255, with boxes scaled by new/old size per axis."""
+    """Bilinear resize of a uint8 image to `size` = (height, width), as float32 0..255
+    (antialiased when shrinking; enlarging needs no antialiasing, and skipping it is
+    about 3x faster), with boxes scaled by new/old size per axis."""
     old = tf.cast(tf.shape(image)[:2], tf.float32)
-    out = tf.image.resize(image, tf.stack(size), method="bilinear", antialias=True)
+    target = tf.stack(size)
+    shrink = tf.reduce_any(target < tf.shape(image)[:2])
+    out = tf.cond(
+        shrink,
+        lambda: tf.image.resize(image, target, method="bilinear", antialias=True),
+        lambda: tf.image.resize(image, target, method="bilinear", antialias=False),
+    )
     ratio_h = tf.cast(size[0], tf.float32) / old[0]
     ratio_w = tf.cast(size[1], tf.float32) / old[1]
     return out, boxes * tf.stack([ratio_w, ratio_h, ratio_w, ratio_h])
@@ -107,10 +114,19 @@ def clip_and_keep(boxes: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tupl
     return boxes, keep
 
 
+_INV_STD = 1.0 / np.asarray(PIXEL_STD_BGR, np.float64)
+_SCALE = _INV_STD.astype(np.float32)
+_SHIFT = (-np.asarray(PIXEL_MEAN_BGR, np.float64) * _INV_STD).astype(np.float32)
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """RGB 0..255 (any dtype) -> BGR float32 with the reference mean/std."""
-    bgr = tf.cast(image, tf.float32)[..., ::-1]
-    return (bgr - tf.constant(PIXEL_MEAN_BGR, tf.float32)) / tf.constant(PIXEL_STD_BGR, tf.float32)
+    return _normalize_bgr(tf.cast(image, tf.float32)[..., ::-1])
+
+
+def _normalize_bgr(bgr: tf.Tensor) -> tf.Tensor:
+    """(bgr - mean) / std as one multiply-add over the float32 BGR image."""
+    return bgr * _SCALE + _SHIFT
 
 
 def denormalize(image: np.ndarray) -> np.ndarray:
@@ -157,7 +173,7 @@ def transform(
         size = resized_size(shape[0], shape[1], short_side, config.max_size, config.canvas)
     else:
         size = resized_size(shape[0], shape[1], config.eval_short_side, config.eval_max_size, config.canvas)
-    image, boxes = resize(image, boxes, size)
+    image, boxes = resize(image[..., ::-1], boxes, size)  # BGR: reversing uint8 channels is cheap
     if training:
         flip = tf.random.stateless_uniform([], flip_seed) < config.flip_prob
         image, boxes = tf.cond(flip, lambda: hflip(image, boxes), lambda: (image, boxes))
@@ -166,7 +182,7 @@ def transform(
     kept = {k: tf.boolean_mask(v, keep) for k, v in per_box.items()}
     num_kept = tf.shape(boxes)[0]
 
-    image = normalize(image)
+    image = _normalize_bgr(image)
     image = tf.image.pad_to_bounding_box(image, 0, 0, config.canvas[0], config.canvas[1])
     out = {
         "image": tf.ensure_shape(image, [config.canvas[0], config.canvas[1], 3]),
