@@ -4,6 +4,7 @@ arrays on the 8 fake CPU devices, evaluation order and runtime drops."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from glipjax.config import load_config
-from glipjax.data import pipeline
+from glipjax.data import pipeline, shapes
 
 NUM_BATCHES = 40  # 320 samples for the mix proportions
 
@@ -74,7 +75,7 @@ def test_same_seed_same_batches_other_seed_differs(data_dir, batches):
 _RESTORE_SCRIPT = """
 import sys, numpy as np
 from glipjax.config import load_config
-from glipjax.data import pipeline
+from glipjax.data import pipeline, shapes
 loader = pipeline.DataLoader(load_config("configs/demo.py:tiny"), sys.argv[1], process_index=0, process_count=1)
 loader.restore(sys.argv[2])
 batches = [loader.next_host_batch() for _ in range(5)]
@@ -232,3 +233,31 @@ def test_coco_boxes_follow_the_reference_conversion_and_resize(data_dir):
     assert batch["image_sizes"][row].tolist() == [72, 96]  # long side capped at 96: short side round(96*48/64)
     # Its first box [x, y, w, h] = [4, 20, 24, 26] -> +1 xyxy [4, 20, 27, 45], scaled by 1.5.
     np.testing.assert_allclose(batch["gt_boxes"][row, 0], [6.0, 30.0, 40.5, 67.5], rtol=1e-6)
+
+
+def test_boxes_bind_to_their_phrase_words(batches):
+    from glipjax.data.inspect import bound_words
+    from glipjax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    phrase = re.compile(rf"^((small|large) )?({'|'.join(shapes.COLORS)}) ({'|'.join(shapes.SHAPES)})$")
+    checked = 0
+    for batch in batches[0][:4]:
+        for k in range(len(batch["source"])):
+            for row in batch["positive_map"][k][batch["gt_mask"][k]]:
+                words = bound_words(tok, batch["input_ids"][k], row)
+                assert phrase.match(words), words  # captions: "[size ]colour shape"; detection: the class
+                checked += 1
+    assert checked > 20
+
+
+def test_inspect_mix_prints_the_mix_and_draws_a_batch(data_dir, tmp_path, capsys):
+    from glipjax.data.inspect import inspect_mix
+
+    cfg = _config(f"data.data_dir={data_dir}")
+    path = inspect_mix(cfg, tmp_path, num_batches=2, cols=4)
+    out = capsys.readouterr().out
+    assert path == tmp_path / "batch.png" and path.is_file()
+    assert "mix: 2 sources, 16 samples in 2 batches" in out
+    assert "shapes_captions: shapes, prompt caption, 48 records, weight 0.600, measured" in out
+    assert "drops runtime: dropped_degenerate 0, dropped_max_boxes 0, dropped_prompt 0" in out
