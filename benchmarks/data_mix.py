@@ -54,7 +54,8 @@ def main() -> None:
     for i, name in enumerate(loader.source_names):
         configured, measured = WEIGHTS[name] / total, float(np.mean(sources == i))
         worst = max(worst, abs(measured - configured))
-        print(f"  {name}: configured {configured:.4f}, measured {measured:.4f}, difference {measured - configured:+.4f}")
+        print(f"  {name}: configured {configured:.4f}, measured {measured:.4f}, "
+              f"difference {measured - configured:+.4f}")
     print(f"largest difference {100 * worst:.2f} percentage points (goal: within 2)")
 
 

@@ -93,7 +93,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     images = args.batches * args.batch_size
     print(f"batch images {batch['images'].shape} {batch['images'].dtype}, input_ids {batch['input_ids'].shape}")
-    print(f"wall clock: {images / elapsed:.1f} images/s on {cores} cores = {images / elapsed / cores:.1f} images/s per core")
+    rate = images / elapsed
+    print(f"wall clock: {rate:.1f} images/s on {cores} cores = {rate / cores:.1f} images/s per core")
     # Robust to other load on the machine: images per second of CPU time this process used.
     print(f"CPU time: {images / cpu:.1f} images per core-second ({cpu:.1f} CPU s for {images} images; "
           f"640x480 JPEG -> short side 480..800, long side <= 1333, canvas 800x1344)")

@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     parser.add_argument("--split", default="train", choices=shapes.SPLITS, help="split to summarise and draw")
     parser.add_argument("--num", type=int, default=16, help="number of samples to draw")
     parser.add_argument("--cols", type=int, default=4, help="samples per row of the grid")
-    parser.add_argument("--mix-batches", type=int, default=20, help="pipeline batches to measure the mix over (0: skip)")
+    parser.add_argument(
+        "--mix-batches", type=int, default=20, help="pipeline batches to measure the mix over (0: skip)")
     args, cfg = parse_command_line(parser, argv)
     if args.num < 1 or args.cols < 1 or args.mix_batches < 0:
         parser.error("--num and --cols must be at least 1, --mix-batches at least 0")

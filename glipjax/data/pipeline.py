@@ -6,8 +6,9 @@ Stages, per source (c.data.sources, one named entry each):
   here), read per host: host i of n reads the i-th of n even parts of the split
   (record level, disjoint) -> repeat -> shuffle (seeded) -> enumerate (the example
   index) -> the captions of the records read just before (negatives for caption
-  prompts; a tf.data scan, no extra reads) -> decode -> prompt and positive map (tf.numpy_function calling
-  glipjax.data.prompts with a per-example seed) -> transforms (glipjax.data.transforms)
+  prompts; a tf.data scan, no extra reads) -> decode -> prompt and positive map
+  (tf.numpy_function calling glipjax.data.prompts with a per-example seed) ->
+  transforms (glipjax.data.transforms)
 then: weighted mix (tf.data.Dataset.sample_from_datasets, seeded) -> batch of
 global_batch / process_count -> prefetch -> a global jax.Array per field
 (jax.make_array_from_process_local_data, batch axis over the mesh's data axes).
@@ -19,8 +20,15 @@ mix take fixed seeds. The same config and seed give the same batches.
 Resume: tf.data iterator checkpointing (tf.train.Checkpoint(iterator=...)), which
 stores the position of every stage, the shuffle buffers (of encoded records) and the
 prefetched batches; `DataLoader.save(dir)` writes it with the runtime drop counts,
-`DataLoader.restore(dir)` on a freshly built loader continues with exactly the batches
-that would have come next.
+`DataLoader.restore(dir)` on a freshly built loader (same config, data and host)
+continues with exactly the batches that would have come next. The state holds the
+shuffle buffers' encoded images and the prefetched batches, so it grows with
+c.data.shuffle_buffer x image file size plus two host batches.
+
+Config (c.data): sources (named entries: kind, weight, prompt, split and the kind's
+paths/options for glipjax.data.builders.common.load_source), batch_size (global),
+canvas, short_sides, max_size, eval_short_side, eval_max_size, flip_prob, max_boxes,
+max_text_len, tokenizer, shuffle_buffer, num_negative_captions; c.seed.
 
 Batch fields: images (B, H, W, 3) float32, input_ids / attention_mask (B, L) int32,
 gt_boxes (B, G, 4) float32 (xyxy, +1 convention, input pixels), gt_mask (B, G) bool,
@@ -31,8 +39,8 @@ padding), image_id (B,) int64, source (B,) int32 (index into `source_names`).
 from __future__ import annotations
 
 import collections
-import gc
 import dataclasses
+import gc
 import json
 import os
 import pathlib
@@ -55,8 +63,9 @@ BATCH_FIELDS = (
     "images", "input_ids", "attention_mask", "gt_boxes", "gt_mask", "positive_map",
     "image_sizes", "image_id", "source",
 )
-# Runtime drops, per example: boxes whose class the prompt had no room for, boxes
-# degenerate after the transforms, boxes beyond max_boxes.
+# Runtime drops, per example: boxes bound to no token (their class cut from a detection
+# prompt, or their spans past the truncated text), boxes degenerate after the
+# transforms, boxes beyond max_boxes.
 RUNTIME_DROPS = ("dropped_prompt", "dropped_degenerate", "dropped_max_boxes")
 DEFAULT_DATA_AXES = ("data", "fsdp")
 _STATE_PREFIX = "iterator"
