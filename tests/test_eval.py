@@ -13,6 +13,7 @@ import math
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from flax.core import meta
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -24,7 +25,8 @@ from glipjax.data.prompts import class_prompt, positive_map
 from glipjax.data.tokenizer import encode, load_tokenizer
 from glipjax.eval.coco import STAT_NAMES, CocoBoxEvaluator, xyxy_to_xywh
 from glipjax.eval.shapes import (
-    COLOR_SWAP, build_prompt_chunks, detect_chunked, evaluate_shapes, make_forward, prompt_names,
+    COLOR_SWAP, _eval_examples, _transform_config, build_prompt_chunks, detect_chunked, evaluate_shapes,
+    make_forward, prompt_names,
 )
 from glipjax.models.bert import BertConfig
 from glipjax.models.glip import GLIP, glip_tiny
@@ -146,9 +148,12 @@ def setup(tmp_path_factory):
                                  max_text_len=cfg.data.max_text_len)
     model = GLIP(config)
     length = cfg.data.max_text_len
-    params = meta.unbox(jax.jit(model.init)(
-        jax.random.PRNGKey(0), np.zeros((1, *cfg.data.canvas, 3), np.float32),
-        np.ones((1, length), np.int32), np.ones((1, length), np.int32))["params"])
+    args = (jax.random.PRNGKey(0), np.zeros((1, *cfg.data.canvas, 3), np.float32),
+            np.ones((1, length), np.int32), np.ones((1, length), np.int32))
+    # Init runs once: compiled without LLVM's expensive passes (about half the compile time).
+    init = jax.jit(model.init).lower(*args).compile(
+        compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    params = meta.unbox(init(*args)["params"])
 
     def model_fn(p, images, ids, mask):
         return model.apply({"params": p}, images, ids, mask)
@@ -172,8 +177,6 @@ def test_evaluate_shapes_end_to_end(setup):
 
 
 def _images(cfg, data_dir):
-    from glipjax.eval.shapes import _eval_examples, _transform_config
-    import tensorflow_datasets as tfds
     ds = load_split(cfg.data.shapes, data_dir, "validation").take(BATCH)
     examples = list(tfds.as_numpy(_eval_examples(ds, _transform_config(cfg.data))))
     return np.stack([e["image"] for e in examples]), np.stack([e["image_size"] for e in examples]).astype(np.int32)
