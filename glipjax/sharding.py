@@ -105,10 +105,10 @@ def normalize_rules(rules: Sequence[Sequence[Any]]) -> Rules:
 
 
 def rules_from_config(config: Any) -> Rules:
-    """`config.sharding.rules` when the config has it, else DEFAULT_RULES."""
+    """`config.sharding.rules` when the config sets them (non-empty), else DEFAULT_RULES."""
     sharding = config.get("sharding") if hasattr(config, "get") else None
     rules = sharding.get("rules") if sharding is not None else None
-    return normalize_rules(DEFAULT_RULES if rules is None else rules)
+    return normalize_rules(rules if rules else DEFAULT_RULES)
 
 
 @contextlib.contextmanager
