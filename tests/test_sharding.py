@@ -121,6 +121,8 @@ def test_rules_resolution_and_fallback(caplog):
 
 def test_rules_from_config_and_bad_rules():
     assert sharding.rules_from_config(ml_collections.ConfigDict()) == sharding.DEFAULT_RULES
+    empty = ml_collections.ConfigDict({"sharding": {"rules": ()}})  # () in a config: the defaults
+    assert sharding.rules_from_config(empty) == sharding.DEFAULT_RULES
     config = ml_collections.ConfigDict({"sharding": {"rules": [["batch", ["data"]], ["embed", None]]}})
     assert sharding.rules_from_config(config) == (("batch", ("data",)), ("embed", None))
     with pytest.raises(ValueError, match="names mesh axis 'model'"):
