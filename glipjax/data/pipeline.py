@@ -434,7 +434,7 @@ class PromptEncoder:
         def encode(caption, categories, span_values, span_lengths, negatives, seed):
             rng = np.random.default_rng(np.asarray(seed, np.int64).view(np.uint64))
             count = len(categories)
-            if prompt == "detection" or prompt == "fixed":
+            if prompt in ("detection", "fixed"):
                 unknown = [c.decode() for c in categories if c.decode() not in index]
                 if unknown:
                     raise ValueError(f"categories {unknown[:3]} are not in the source's class names")
