@@ -25,7 +25,7 @@ setup(
     extras_require={
         # importlib_resources: imported by tensorflow-datasets' builders but not
         # declared by it on Python >= 3.9 (tensorflow/datasets#11212).
-        "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6", "importlib_resources"],
+        "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6", "importlib_resources", "tensorboard"],
         "eval": ["pycocotools>=2.0.8"],
         # torch: the CPU build, only for parity tests against PyTorch references.
         "test": ["pytest>=8.0", "torch==2.13.0"],
