@@ -37,6 +37,36 @@ def _initialize_hosts(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, glip_config: Any,
+              data_dir: pathlib.Path, pictures: pathlib.Path | None = None) -> dict[str, float]:
+    """The configured evaluations (today: the shapes splits, with the true prompt and the
+    swapped-colour control), flattened as "<split>/<mode>/<metric>". With `pictures`, the
+    true-prompt predictions of each split are drawn to <pictures>/predictions_<split>.png."""
+    from glipjax.eval.shapes import evaluate_shapes
+
+    results: dict[str, float] = {}
+    max_images = config.eval.max_images or None
+    for split in config.eval.splits:
+        for mode in config.eval.prompt_modes:
+            picture = pictures / f"predictions_{split}.png" if pictures is not None and mode == "true" else None
+            report = evaluate_shapes(_apply_fn(model), params, glip_config, config, data_dir, split, mode,
+                                     max_images, progress=False, picture=picture)
+            for key in ("AP", "AP50", "novel_AP", "novel_AP50"):
+                if key in report:
+                    results[f"{split}/{mode}/{key}"] = float(report[key])
+    return results
+
+
+_APPLY_FNS: dict[int, Any] = {}
+
+
+def _apply_fn(model: GLIP) -> Any:
+    """One function object per model, so the evaluator's compiled forward is reused."""
+    if id(model) not in _APPLY_FNS:
+        _APPLY_FNS[id(model)] = lambda p, *x: model.apply({"params": p}, *x)
+    return _APPLY_FNS[id(model)]
+
+
 class MetricWriter:
     """Progress lines on the console plus metrics.jsonl and TensorBoard in the workdir
     (written by process 0 only)."""
@@ -96,7 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     from glipjax.data.pipeline import DataLoader
 
     data_dir = workdir / config.data.data_dir if not os.path.isabs(config.data.data_dir) else config.data.data_dir
-    loader = DataLoader(config, data_dir, mesh=mesh)
+    loader = DataLoader(config, data_dir, mesh=mesh, rules=rules)
     canvas = tuple(config.data.canvas)
     batch_size = config.data.batch_size
 
@@ -194,6 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 f"(train.max_bad_steps = {config.train.max_bad_steps}); last finite checkpoint kept in {workdir}")
         if step % config.train.log_every == 0 or step == total_steps:
             writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
+        if config.eval.every and step % config.eval.every == 0 and step < total_steps:
+            writer.write(step, _evaluate(config, model, state["params"], glip_config, data_dir))
         preempted = checkpoint.preemption_requested(step)
         if preempted or step % save_every == 0 or step == total_steps:
             ckpt.save(step, state, checkpoint.pack_loader_state(loader), force=True)
@@ -202,9 +234,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume", flush=True)
             sys.exit(0)
     ckpt.close()
-    writer.close()
     loader.close()
-    return {k: float(v) for k, v in metrics.items()}
+    final = {k: float(v) for k, v in metrics.items()}
+    if config.eval.splits:
+        pictures = workdir if jax.process_index() == 0 else None
+        results = _evaluate(config, model, state["params"], glip_config, data_dir, pictures)
+        writer.write(step, results)
+        final.update(results)
+        if jax.process_index() == 0:
+            (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+    writer.close()
+    return final
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from glipjax import sharding
 from glipjax.data import prompts, shapes, tokenizer, transforms
 from glipjax.data.builders import common
 from glipjax.data.builders import shapes as shapes_builder
@@ -67,7 +68,6 @@ BATCH_FIELDS = (
 # prompt, or their spans past the truncated text), boxes degenerate after the
 # transforms, boxes beyond max_boxes.
 RUNTIME_DROPS = ("dropped_prompt", "dropped_degenerate", "dropped_max_boxes")
-DEFAULT_DATA_AXES = ("data", "fsdp")
 _STATE_PREFIX = "iterator"
 _COUNTS_FILE = "drop_counts.json"
 
@@ -315,19 +315,6 @@ def build_dataset(
     return ds.with_options(options), sources
 
 
-def make_global(
-    batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, data_axes: Sequence[str] = DEFAULT_DATA_AXES
-) -> dict[str, jax.Array]:
-    """Process-local batch -> global jax.Arrays, the batch axis sharded over those of
-    `data_axes` that `mesh` has (replicated when it has none)."""
-    axes = tuple(a for a in data_axes if a in mesh.axis_names)
-    out = {}
-    for key, value in batch.items():
-        spec = jax.sharding.PartitionSpec(axes or None, *([None] * (value.ndim - 1)))
-        out[key] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), value)
-    return out
-
-
 def _release(state: dict[str, Any]) -> None:
     state.clear()
     gc.collect()
@@ -343,7 +330,7 @@ class DataLoader:
 
     def __init__(
         self, cfg: ml_collections.ConfigDict, data_dir: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-        data_axes: Sequence[str] = DEFAULT_DATA_AXES, process_index: int | None = None,
+        rules: Sequence[Sequence[Any]] = sharding.DEFAULT_RULES, process_index: int | None = None,
         process_count: int | None = None, training: bool = True,
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
@@ -351,7 +338,7 @@ class DataLoader:
         self.dataset, self.sources = build_dataset(
             cfg, data_dir, process_index=self.process_index, process_count=self.process_count, training=training)
         self.mesh = mesh
-        self.data_axes = tuple(data_axes)
+        self.rules = rules
         self.runtime_drops: collections.Counter[str] = collections.Counter()
         iterator = iter(self.dataset)
         # The iterator lives only in this dict, which the finalizer empties at exit: its
@@ -379,7 +366,7 @@ class DataLoader:
 
     def __next__(self) -> dict[str, Any]:
         batch = self.next_host_batch()
-        return batch if self.mesh is None else make_global(batch, self.mesh, self.data_axes)
+        return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh, self.rules)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the iterator position and the runtime drop counts into `directory`."""

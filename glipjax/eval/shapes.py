@@ -29,7 +29,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import transformers
 
+from glipjax import draw
 from glipjax.data import shapes, transforms
+from glipjax.data.pipeline import transform_config
 from glipjax.data.builders.shapes import load_split
 from glipjax.data.prompts import chunk_classes, class_prompt, positive_map
 from glipjax.data.tokenizer import encode, load_tokenizer
@@ -152,14 +154,6 @@ def detect_chunked(
     return merged
 
 
-def _transform_config(data: ml_collections.ConfigDict) -> transforms.TransformConfig:
-    return transforms.TransformConfig(
-        canvas=tuple(data.canvas), short_sides=tuple(data.short_sides), max_size=data.max_size,
-        eval_short_side=data.eval_short_side, eval_max_size=data.eval_max_size,
-        flip_prob=data.flip_prob, max_boxes=data.max_boxes,
-    )
-
-
 def _eval_examples(ds: tf.data.Dataset, tcfg: transforms.TransformConfig) -> tf.data.Dataset:
     """Records -> eval-transformed image, its size before and after resizing, and the
     ground truth in +1-convention xyxy."""
@@ -205,6 +199,9 @@ def evaluate_shapes(
     batch_size: int | None = None,
     prompt_budget: int | None = None,
     progress: bool = True,
+    picture: str | os.PathLike | None = None,
+    picture_images: int = 12,
+    picture_min_score: float = 0.3,
 ) -> dict[str, Any]:
     """AP of a GLIP model on a shapes split (built under data_dir if needed).
 
@@ -218,6 +215,8 @@ def evaluate_shapes(
 
     Returns AP and AP50 over the split's categories, novel_AP and novel_AP50 on the
     novel pairs (novel split only), num_images, num_chunks, split and prompt_mode.
+    With `picture`, the first picture_images images are drawn to that PNG with their
+    detections scoring at least picture_min_score.
     """
     categories = split_categories(split)
     names = prompt_names(categories, prompt_mode)
@@ -236,8 +235,10 @@ def evaluate_shapes(
     if max_images is not None:
         ds = ds.take(max_images)
     total = int(ds.cardinality())
-    examples = tfds.as_numpy(_eval_examples(ds, _transform_config(cfg.data)))
+    examples = tfds.as_numpy(_eval_examples(ds, transform_config(cfg.data)))
     evaluator = CocoBoxEvaluator([(c.id, c.name) for c in shapes.CATEGORIES])
+    names_by_id = {c.id: name for c, name in zip(categories, names)}
+    drawn: list[Any] = []
     start = last_report = time.monotonic()
     done = 0
     for batch in _batches(examples, batch_size):
@@ -248,7 +249,12 @@ def evaluate_shapes(
             images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:], images.dtype)])
             sizes = np.concatenate([sizes, np.repeat(sizes[-1:], batch_size - count, axis=0)])
         results = detect_chunked(forward, params, images, sizes, chunks, max_detections)
-        for example, (boxes, scores, labels) in zip(batch, results):
+        for example, image, (boxes, scores, labels) in zip(batch, images, results):
+            if picture is not None and len(drawn) < picture_images:
+                (h, w), shown = example["image_size"], scores >= picture_min_score
+                drawn.append(draw.draw_boxes(
+                    transforms.denormalize(image)[:h, :w], boxes[shown],
+                    [names_by_id[int(label)] for label in labels[shown]], scores[shown]))
             (rh, rw), (oh, ow) = example["image_size"], example["original_size"]
             scale = np.asarray([ow / rw, oh / rh, ow / rw, oh / rh])
             evaluator.add_image(
@@ -265,6 +271,9 @@ def evaluate_shapes(
             last_report = now
     if done == 0:
         raise ValueError(f"shapes split {split!r} gave no images to evaluate")
+    if picture is not None:
+        captions = [f"{split}, prompt {prompt_mode}, score >= {picture_min_score}"] * len(drawn)
+        draw.image_grid(drawn, captions, cols=min(4, len(drawn))).save(picture)
 
     report: dict[str, Any] = {"split": split, "prompt_mode": prompt_mode, "num_images": done,
                               "num_chunks": len(chunks)}
