@@ -20,12 +20,13 @@ from pycocotools.cocoeval import COCOeval
 
 from configs.demo import get_config
 from glipjax.data import shapes
+from glipjax.data.pipeline import transform_config
 from glipjax.data.builders.shapes import build_shapes, load_split
 from glipjax.data.prompts import class_prompt, positive_map
 from glipjax.data.tokenizer import encode, load_tokenizer
 from glipjax.eval.coco import STAT_NAMES, CocoBoxEvaluator, xyxy_to_xywh
 from glipjax.eval.shapes import (
-    COLOR_SWAP, _eval_examples, _transform_config, build_prompt_chunks, detect_chunked, evaluate_shapes,
+    COLOR_SWAP, _eval_examples, build_prompt_chunks, detect_chunked, evaluate_shapes,
     make_forward, prompt_names,
 )
 from glipjax.models.bert import BertConfig
@@ -178,7 +179,7 @@ def test_evaluate_shapes_end_to_end(setup):
 
 def _images(cfg, data_dir):
     ds = load_split(cfg.data.shapes, data_dir, "validation").take(BATCH)
-    examples = list(tfds.as_numpy(_eval_examples(ds, _transform_config(cfg.data))))
+    examples = list(tfds.as_numpy(_eval_examples(ds, transform_config(cfg.data))))
     return np.stack([e["image"] for e in examples]), np.stack([e["image_size"] for e in examples]).astype(np.int32)
 
 
