@@ -7,8 +7,11 @@ import sys
 import glipjax
 import glipjax.models
 
-# Modules that may import TensorFlow: the data pipeline and the commands that feed on it.
-TF_ALLOWED_PREFIXES = ("glipjax.data", "glipjax.train", "glipjax.evaluate", "glipjax.pseudo_label")
+# Modules that may import TensorFlow: the data pipeline, the commands that feed on it,
+# and evaluators that read TFDS datasets.
+TF_ALLOWED_PREFIXES = (
+    "glipjax.data", "glipjax.train", "glipjax.evaluate", "glipjax.pseudo_label", "glipjax.eval.shapes",
+)
 
 
 def _tf_free_modules() -> list[str]:
