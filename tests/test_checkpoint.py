@@ -255,33 +255,31 @@ c.close()
 """
 
 
+def _run_until_sigterm(args, env, ready, what):
+    """Starts the loop script, sends SIGTERM once it is ready, returns its stdout."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{what} never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out
+
+
 def test_sigterm_saves_and_rerun_resumes(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(_LOOP)
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     ready = tmp_path / "ready"
     args = [sys.executable, str(script), str(tmp_path / "run"), str(ready)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "the loop never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    out = _run_until_sigterm(args, env, ready, "the loop")
     saved = int(out.split("preempted")[1].split()[0])
     assert saved >= 3
     ready.unlink()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "the resumed loop never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    out = _run_until_sigterm(args, env, ready, "the resumed loop")
     assert f"resumed {saved} {float(saved)}" in out
     assert int(out.split("preempted")[1].split()[0]) > saved
 
