@@ -145,20 +145,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     length = config.data.max_text_len
     example = (jnp.zeros((1, *canvas, 3)), jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
 
-    def init_params(rng):
-        variables = model.init(rng, *example)
-        params = variables["params"]
-        if text_params is not None:  # pretrained text encoder, same logical boxes
+    def init_params(rng, pretrained_text):
+        params = model.init(rng, *example)["params"]
+        if pretrained_text is not None:  # an argument, not a jit constant: same logical boxes
             params = dict(params)
             params["language_backbone"] = jax.tree_util.tree_map(
-                lambda box, value: box.replace_boxed(value) if hasattr(box, "replace_boxed") else value,
-                params["language_backbone"], text_params,
+                lambda box, value: box.replace_boxed(value), params["language_backbone"], pretrained_text,
                 is_leaf=lambda x: hasattr(x, "replace_boxed"),
             )
         return params
 
     with sharding.sharding_context(mesh, rules):
-        params, opt_state = sharding.create_sharded(init_params, mesh, rules, jax.random.PRNGKey(config.seed), tx=tx)
+        params, opt_state = sharding.create_sharded(
+            init_params, mesh, rules, jax.random.PRNGKey(config.seed), text_params, tx=tx)
     state = {
         "params": params,
         "opt_state": opt_state,
