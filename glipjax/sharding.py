@@ -214,23 +214,45 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
     return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract_params))
 
 
+def _init_shardings(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
+                    args: tuple[Any, ...], tx: optax.GradientTransformation | None) -> tuple[Any, Any, Any]:
+    """(abstract unboxed params, their shardings, the optimizer state's shardings or None)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = param_shardings(abstract, mesh, rules)
+    opt_shardings = None if tx is None else optimizer_shardings(tx, unbox(abstract), shardings, mesh)
+    return unbox(abstract), shardings, opt_shardings
+
+
 def create_sharded(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
                    *args: Any, tx: optax.GradientTransformation | None = None) -> Any:
     """Runs `init_fn(*args)` (returning boxed params, e.g. lambda r, *x: model.init(r, *x)
     ["params"]) compiled with out_shardings from the logical annotations, so each
     device only ever holds its own shards. Returns the unboxed params, or
     (params, tx.init(params)) when `tx` is given, both already sharded."""
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = param_shardings(abstract, mesh, rules)
+    _, shardings, opt_shardings = _init_shardings(init_fn, mesh, rules, args, tx)
     if tx is None:
         return jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
-    opt_shardings = optimizer_shardings(tx, unbox(abstract), shardings, mesh)
 
     def init_all(*a):
         params = unbox(init_fn(*a))
         return params, tx.init(params)
 
     return jax.jit(init_all, out_shardings=(shardings, opt_shardings))(*args)
+
+
+def sharded_shapes(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
+                   *args: Any, tx: optax.GradientTransformation | None = None) -> Any:
+    """What create_sharded would return, as jax.ShapeDtypeStructs carrying their
+    shardings, without allocating anything."""
+    abstract, shardings, opt_shardings = _init_shardings(init_fn, mesh, rules, args, tx)
+
+    def attach(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    params = jax.tree_util.tree_map(attach, abstract, shardings)
+    if tx is None:
+        return params
+    return params, jax.tree_util.tree_map(attach, jax.eval_shape(tx.init, abstract), opt_shardings)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]] = DEFAULT_RULES) -> NamedSharding:

@@ -1,8 +1,8 @@
 """Training: python -m glipjax.train --config configs/X.py[:variant] --workdir DIR [--config.a=b ...]
 
-Read top to bottom: logging and hosts, mesh, input, model and optimizer, sharded
-state, update step, checkpoint and resume, loop with metrics and evaluation, final
-report. Rerunning the same command resumes from the last checkpoint in DIR.
+Read top to bottom: logging and hosts, mesh, input, model with optimizer and update
+step (glipjax.train_state), the sharded state (resumed or new), loop with metrics,
+checkpoints and evaluation, final report. Rerunning the same command resumes from the last checkpoint in DIR.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
-from glipjax import checkpoint, convert, optim, pretrained, sharding
+from glipjax import checkpoint, sharding, train_state
 from glipjax.config import parse_command_line
-from glipjax.models.glip import GLIP, config_from_fields, losses
+from glipjax.models.glip import GLIP
 
 log = logging.getLogger("glipjax.train")
 
@@ -127,85 +125,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     data_dir = workdir / config.data.data_dir if not os.path.isabs(config.data.data_dir) else config.data.data_dir
     loader = DataLoader(config, data_dir, mesh=mesh, rules=rules)
-    canvas = tuple(config.data.canvas)
     batch_size = config.data.batch_size
 
-    # ---------------------------------------------------------------- model and optimizer
-    text_config, text_params = None, None
-    if config.model.text_encoder:
-        text_config, text_params = convert.load_hf_bert(pretrained.resolve_text_encoder(config.model.text_encoder))
-    glip_config = config_from_fields(config.model, text_config, config.data.max_text_len)
-    dtype = jnp.dtype(config.model.dtype)
-    model = GLIP(glip_config, dtype=dtype)
-    tx = optim.make_optimizer(config.optim, total_steps)
-    schedule = optim.make_schedule(config.optim, total_steps)
-    ema_decay = config.optim.ema_decay
-
-    # ---------------------------------------------------------------- sharded state
-    length = config.data.max_text_len
-    example = (jnp.zeros((1, *canvas, 3)), jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
-
-    def init_params(rng, pretrained_text):
-        params = model.init(rng, *example)["params"]
-        if pretrained_text is not None:  # an argument, not a jit constant: same logical boxes
-            params = dict(params)
-            params["language_backbone"] = jax.tree_util.tree_map(
-                lambda box, value: box.replace_boxed(value), params["language_backbone"], pretrained_text,
-                is_leaf=lambda x: hasattr(x, "replace_boxed"),
-            )
-        return params
-
-    with sharding.sharding_context(mesh, rules):
-        params, opt_state = sharding.create_sharded(
-            init_params, mesh, rules, jax.random.PRNGKey(config.seed), text_params, tx=tx)
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "ema": jax.tree_util.tree_map(jnp.copy, params) if ema_decay else {},
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.PRNGKey(config.seed + 1),
-    }
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    # ---------------------------------------------------------------- model, optimizer, update step
+    model, glip_config, text_params = train_state.build_model(config)
+    tx, schedule = train_state.make_tx(config)
+    abstract = train_state.abstract_state(config, model, tx, mesh, rules)
+    step_fn = train_state.jit_train_step(
+        train_state.make_train_step(config, model, glip_config, tx, schedule), abstract, mesh, rules)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
     log.info("model %s: %s parameters", config.model.preset, f"{n_params:,}")
 
-    # ---------------------------------------------------------------- update step
-    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        rng, dropout_rng = jax.random.split(state["rng"])
-
-        def loss_fn(params):
-            out = model.apply({"params": params}, batch["images"].astype(dtype), batch["input_ids"],
-                              batch["attention_mask"], deterministic=False, rngs={"dropout": dropout_rng})
-            parts = losses(glip_config, out, batch["gt_boxes"], batch["gt_mask"], batch["positive_map"],
-                           batch["attention_mask"], canvas)
-            return parts["total"], parts
-
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], loss=loss)
-        params = optax.apply_updates(state["params"], updates)
-        ema = optim.ema_update(state["ema"], params, ema_decay) if ema_decay else state["ema"]
-        consecutive, total_bad = optim.bad_step_counts(opt_state)
-        metrics = {
-            "loss": loss, "token": parts["token"], "giou": parts["giou"], "centerness": parts["centerness"],
-            "positives": parts["num_positives"], "grad_norm": optax.global_norm(grads),
-            "lr": schedule(optim.applied_updates(opt_state)), "bad_steps": total_bad, "bad_streak": consecutive,
-        }
-        new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1, rng=rng)
-        return new_state, metrics
-
-    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    with sharding.sharding_context(mesh, rules):
-        step_fn = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
-                          out_shardings=(state_shardings, None), donate_argnums=(0,))
-
-    # ---------------------------------------------------------------- checkpoint and resume
+    # ---------------------------------------------------------------- sharded state: resumed or new
     save_every = config.checkpoint.save_every
     ckpt = checkpoint.Checkpointer(workdir, save_every=save_every, keep=config.checkpoint.keep)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         _, state, data_state = restored
         checkpoint.unpack_loader_state(loader, data_state)
         log.info("resumed from step %d", int(state["step"]))
+    else:
+        state = train_state.init_state(config, model, tx, mesh, rules, text_params)
     checkpoint.install_sigterm_handler()
 
     # ---------------------------------------------------------------- loop

@@ -1,0 +1,135 @@
+"""The model, its sharded training state and the update step, built from a run config.
+
+Shared by the trainer (glipjax.train), the ahead-of-time check (glipjax.aot) and
+the commands that load a checkpoint (evaluate, predict, export), so all of them see
+the same state tree:
+  {"params", "opt_state", "ema" ({} without EMA), "step", "rng"}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from glipjax import convert, optim, pretrained, sharding
+from glipjax.models.glip import GLIP, GLIPConfig, config_from_fields, losses
+
+State = dict[str, Any]
+Rules = Sequence[Sequence[Any]]
+
+
+def build_model(config: ml_collections.ConfigDict, load_text_weights: bool = True) -> tuple[GLIP, GLIPConfig, Any]:
+    """(model, its GLIPConfig, the pretrained text-encoder params or None) from
+    config.model and config.data.max_text_len. With load_text_weights=False only the
+    encoder's config is read (its weights come from a checkpoint instead)."""
+    text_config, text_params = None, None
+    if config.model.text_encoder:
+        folder = pretrained.resolve_text_encoder(config.model.text_encoder)
+        text_config, text_params = convert.load_hf_bert(folder)
+        if not load_text_weights:
+            text_params = None
+    glip_config = config_from_fields(config.model, text_config, config.data.max_text_len)
+    return GLIP(glip_config, dtype=jnp.dtype(config.model.dtype)), glip_config, text_params
+
+
+def make_tx(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+    """The optimizer and its lr schedule over config.train.steps."""
+    return optim.make_optimizer(config.optim, config.train.steps), optim.make_schedule(config.optim, config.train.steps)
+
+
+def _init_fn(config: ml_collections.ConfigDict, model: GLIP) -> Callable[[jax.Array, Any], Any]:
+    canvas, length = tuple(config.data.canvas), config.data.max_text_len
+    example = (jnp.zeros((1, *canvas, 3)), jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
+
+    def init_params(rng, pretrained_text):
+        params = model.init(rng, *example)["params"]
+        if pretrained_text is not None:  # an argument, not a jit constant: same logical boxes
+            params = dict(params)
+            params["language_backbone"] = jax.tree_util.tree_map(
+                lambda box, value: box.replace_boxed(value), params["language_backbone"], pretrained_text,
+                is_leaf=lambda x: hasattr(x, "replace_boxed"),
+            )
+        return params
+
+    return init_params
+
+
+def _state(config: ml_collections.ConfigDict, params: Any, opt_state: Any, ema: Any) -> State:
+    return {"params": params, "opt_state": opt_state, "ema": ema if config.optim.ema_decay else {},
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(config.seed + 1)}
+
+
+def init_state(config: ml_collections.ConfigDict, model: GLIP, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh, rules: Rules, text_params: Any = None) -> State:
+    """The initial state, created already sharded (no full copy on any device)."""
+    with sharding.sharding_context(mesh, rules):
+        params, opt_state = sharding.create_sharded(
+            _init_fn(config, model), mesh, rules, jax.random.PRNGKey(config.seed), text_params, tx=tx)
+    state = _state(config, params, opt_state, jax.tree_util.tree_map(jnp.copy, params))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return dict(state, step=jax.device_put(state["step"], replicated), rng=jax.device_put(state["rng"], replicated))
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: GLIP, tx: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh, rules: Rules) -> State:
+    """The state's shapes, dtypes and shardings (jax.ShapeDtypeStructs), without
+    allocating it: for restoring a checkpoint or compiling ahead of time."""
+    with sharding.sharding_context(mesh, rules):
+        params, opt_state = sharding.sharded_shapes(
+            _init_fn(config, model), mesh, rules, jax.random.PRNGKey(config.seed), None, tx=tx)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = _state(config, params, opt_state, params)
+    state["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    rng = jax.eval_shape(jax.random.PRNGKey, 0)
+    state["rng"] = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
+    return state
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: GLIP, glip_config: GLIPConfig,
+                    tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule) -> Callable[..., Any]:
+    """train_step(state, batch) -> (state, metrics). Frozen params (config.optim.frozen)
+    enter the loss under stop_gradient, so their backward pass is never computed."""
+    dtype = jnp.dtype(config.model.dtype)
+    canvas = tuple(config.data.canvas)
+    ema_decay = config.optim.ema_decay
+
+    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        rng, dropout_rng = jax.random.split(state["rng"])
+        frozen = jax.tree.map(lambda g: g == "frozen", optim.param_groups(state["params"], config.optim))
+
+        def loss_fn(params):
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+            out = model.apply({"params": params}, batch["images"].astype(dtype), batch["input_ids"],
+                              batch["attention_mask"], deterministic=False, rngs={"dropout": dropout_rng})
+            parts = losses(glip_config, out, batch["gt_boxes"], batch["gt_mask"], batch["positive_map"],
+                           batch["attention_mask"], canvas)
+            return parts["total"], parts
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], loss=loss)
+        params = optax.apply_updates(state["params"], updates)
+        ema = optim.ema_update(state["ema"], params, ema_decay) if ema_decay else state["ema"]
+        consecutive, total_bad = optim.bad_step_counts(opt_state)
+        metrics = {
+            "loss": loss, "token": parts["token"], "giou": parts["giou"], "centerness": parts["centerness"],
+            "positives": parts["num_positives"], "grad_norm": optax.global_norm(grads),
+            "lr": schedule(optim.applied_updates(opt_state)), "bad_steps": total_bad, "bad_streak": consecutive,
+        }
+        new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1, rng=rng)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable[..., Any], state: State, mesh: jax.sharding.Mesh,
+                   rules: Rules) -> Callable[..., Any]:
+    """train_step jitted with the state's shardings in and out, the batch split over
+    the batch axes, and the state donated. `state` may be abstract."""
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    with sharding.sharding_context(mesh, rules):
+        return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
