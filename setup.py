@@ -28,7 +28,8 @@ setup(
         "data": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6", "importlib_resources", "tensorboard"],
         "eval": ["pycocotools>=2.0.8"],
         # torch: the CPU build, only for parity tests against PyTorch references.
-        "test": ["pytest>=8.0", "torch==2.13.0"],
+        # faster-coco-eval: an independent COCO/LVIS evaluator the tests cross-check against.
+        "test": ["pytest>=8.0", "torch==2.13.0", "faster-coco-eval>=1.8"],
         "gpu": ["jax[cuda12]>=0.5.0"],
         "tpu": ["jax[tpu]>=0.5.0"],
     },
