@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from glipjax import convert, optim, pretrained, sharding
+from glipjax.models.bert import BertConfig
 from glipjax.models.glip import GLIP, GLIPConfig, config_from_fields, losses
 
 State = dict[str, Any]
@@ -29,9 +30,10 @@ def build_model(config: ml_collections.ConfigDict, load_text_weights: bool = Tru
     text_config, text_params = None, None
     if config.model.text_encoder:
         folder = pretrained.resolve_text_encoder(config.model.text_encoder)
-        text_config, text_params = convert.load_hf_bert(folder)
-        if not load_text_weights:
-            text_params = None
+        if load_text_weights:
+            text_config, text_params = convert.load_hf_bert(folder)
+        else:
+            text_config = BertConfig.from_json_file(folder / "config.json")
     glip_config = config_from_fields(config.model, text_config, config.data.max_text_len)
     return GLIP(glip_config, dtype=jnp.dtype(config.model.dtype)), glip_config, text_params
 
