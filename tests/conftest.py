@@ -44,3 +44,19 @@ def golden_files() -> list[pathlib.Path]:
     files = golden_npz_files()
     assert files, f"no golden_*.npz files under {GOLDEN_DIR}"
     return files
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """A training workdir of the demo's tiny GLIP trained for 2 steps (no evaluation):
+    config.json and checkpoints/2. About two minutes on two CPU cores, once per session."""
+    from configs.demo import get_config
+    from glipjax.config import apply_override
+    from glipjax.train import train
+
+    config = get_config("tiny")
+    apply_override(config, "train.steps", "2")
+    apply_override(config, "eval.splits", "()")
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    train(config, workdir)
+    return workdir
