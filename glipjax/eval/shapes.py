@@ -4,9 +4,8 @@ swapped-colour control.
 Every image is scored against the full class prompt of its split's categories
 (validation and train: the 30 base pairs; novel: all 36 pairs, so a novel pair is
 found only through the words of the prompt). A prompt longer than the text length
-is split into chunks (glipjax.data.prompts.chunk_classes), one forward pass per
-chunk, and the per-image detections of the chunks are merged: phrase labels become
-category ids, and the `max_detections` best-scoring boxes are kept.
+is split into chunks, one forward pass per chunk, and the per-image detections of the
+chunks are merged (glipjax.inference).
 
 prompt_mode "swapped_colors" names each class with another colour (COLOR_SWAP, a
 fixed derangement) while detections still count for the true category, so a model
@@ -15,39 +14,29 @@ that reads the colour words falls far below its "true" figure.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-import transformers
 
 from glipjax import draw
 from glipjax.data import shapes, transforms
 from glipjax.data.pipeline import transform_config
 from glipjax.data.builders.shapes import load_split
-from glipjax.data.prompts import chunk_classes, class_prompt, positive_map
-from glipjax.data.tokenizer import encode, load_tokenizer
+from glipjax.data.tokenizer import load_tokenizer
 from glipjax.eval.coco import CocoBoxEvaluator
-from glipjax.models.glip import GLIPConfig, detect
-from glipjax.models.postprocess import Detections
+from glipjax.inference import ModelFn, build_prompt_chunks, detect_chunked, make_forward
+from glipjax.models.glip import GLIPConfig
 
 PROMPT_MODES = ("true", "swapped_colors")
 # Each colour -> the next one in shapes.COLORS (cyclic), so no colour maps to itself.
 _COLOR_NAMES = tuple(shapes.COLORS)
 COLOR_SWAP: dict[str, str] = {c: _COLOR_NAMES[(i + 1) % len(_COLOR_NAMES)] for i, c in enumerate(_COLOR_NAMES)}
-
-# model_fn(params, images (B, H, W, 3), input_ids (B, L), attention_mask (B, L)) -> GLIP outputs
-ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, Any]]
-# forward(params, images, input_ids, attention_mask, positive_map (P, L), phrase_mask (P,), image_sizes (B, 2))
-Forward = Callable[..., Detections]
 
 
 def split_categories(split: str) -> tuple[shapes.Category, ...]:
@@ -64,94 +53,6 @@ def prompt_names(categories: Sequence[shapes.Category], prompt_mode: str) -> lis
     if prompt_mode == "swapped_colors":
         return [f"{COLOR_SWAP[c.color]} {c.shape}" for c in categories]
     raise ValueError(f"Unknown prompt_mode {prompt_mode!r}; choose one of {PROMPT_MODES}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptChunk:
-    """One encoded chunk of a class prompt, padded to a fixed number of phrases."""
-
-    caption: str
-    input_ids: np.ndarray  # (L,) int32
-    attention_mask: np.ndarray  # (L,) int32
-    positive_map: np.ndarray  # (P, L) float32, rows past the chunk's classes zero
-    phrase_mask: np.ndarray  # (P,) bool
-    category_ids: np.ndarray  # (P,) int64, the category of each phrase (0 for padding)
-
-
-def build_prompt_chunks(
-    names: Sequence[str],
-    category_ids: Sequence[int],
-    tokenizer: transformers.PreTrainedTokenizerBase,
-    text_len: int,
-    budget: int | None = None,
-    num_phrases: int | None = None,
-) -> list[PromptChunk]:
-    """Splits the class prompt of `names` into chunks that fit `budget` tokens
-    (default text_len), each encoded to text_len tokens with its positive map padded
-    to num_phrases phrases (default len(names)), so every chunk has the same shapes."""
-    if len(names) != len(category_ids):
-        raise ValueError(f"{len(names)} names but {len(category_ids)} category ids")
-    num_phrases = len(names) if num_phrases is None else num_phrases
-    if num_phrases < len(names):
-        raise ValueError(f"num_phrases ({num_phrases}) is below the number of classes ({len(names)})")
-    budget = text_len if budget is None else budget
-    if budget > text_len:
-        raise ValueError(f"budget ({budget}) cannot exceed text_len ({text_len})")
-    chunks = []
-    for indices in chunk_classes(names, tokenizer, budget):
-        caption, spans = class_prompt([names[i] for i in indices])
-        ids, mask, encoding = encode(tokenizer, caption, text_len)
-        pmap, mapped = positive_map(encoding, [[span] for span in spans], text_len)
-        full_map = np.zeros((num_phrases, text_len), np.float32)
-        full_map[: len(indices)] = pmap
-        phrase_mask = np.zeros(num_phrases, bool)
-        phrase_mask[: len(indices)] = mapped
-        ids_of = np.zeros(num_phrases, np.int64)
-        ids_of[: len(indices)] = [category_ids[i] for i in indices]
-        chunks.append(PromptChunk(caption, ids, mask, full_map, phrase_mask, ids_of))
-    return chunks
-
-
-@functools.lru_cache(maxsize=8)
-def make_forward(model_fn: ModelFn, config_glip: GLIPConfig) -> Forward:
-    """The jitted forward pass plus post-processing; cached, so passing the same
-    model_fn again reuses its compiled versions."""
-
-    def forward(params, images, input_ids, attention_mask, pmap, phrase_mask, image_sizes):
-        outputs = model_fn(params, images, input_ids, attention_mask)
-        return detect(config_glip, outputs, pmap, phrase_mask, image_sizes, images.shape[1:3])
-
-    return jax.jit(forward)
-
-
-def detect_chunked(
-    forward: Forward,
-    params: Any,
-    images: np.ndarray,
-    image_sizes: np.ndarray,
-    chunks: Sequence[PromptChunk],
-    max_detections: int,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Runs every chunk on the batch and merges per image: (boxes (D, 4) in input
-    pixels, scores (D,), category ids (D,)), the best max_detections by score."""
-    if not chunks:
-        raise ValueError("no prompt chunks")
-    batch = images.shape[0]
-    parts: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(batch)]
-    for chunk in chunks:
-        ids = np.broadcast_to(chunk.input_ids, (batch, chunk.input_ids.shape[0]))
-        mask = np.broadcast_to(chunk.attention_mask, ids.shape)
-        dets = jax.device_get(forward(params, images, ids, mask, chunk.positive_map, chunk.phrase_mask, image_sizes))
-        for b in range(batch):
-            keep = np.asarray(dets.valid[b])
-            labels = chunk.category_ids[np.asarray(dets.labels[b])[keep] - 1]
-            parts[b].append((np.asarray(dets.boxes[b])[keep], np.asarray(dets.scores[b])[keep], labels))
-    merged = []
-    for per_chunk in parts:
-        boxes, scores, labels = (np.concatenate(x) for x in zip(*per_chunk))
-        order = np.argsort(-scores, kind="stable")[:max_detections]
-        merged.append((boxes[order], scores[order], labels[order]))
-    return merged
 
 
 def _eval_examples(ds: tf.data.Dataset, tcfg: transforms.TransformConfig) -> tf.data.Dataset:
