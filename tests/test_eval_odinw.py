@@ -27,11 +27,11 @@ import tensorflow_datasets as tfds
 from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
 from flax.core import meta
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from configs.demo import get_config
+from eval_sets import write_coco_set
 from glipjax import sharding
 from glipjax.data import shapes
 from glipjax.data.pipeline import transform_config
@@ -45,26 +45,6 @@ from glipjax.models.postprocess import Detections
 
 BATCH = 8
 SETS = {"alpha": (0, 5), "beta": (1, 3)}  # name: (generator seed, images); 5 and 3 leave padded batches
-
-
-def write_coco_set(folder, seed, count, image_size=64):
-    """A COCO-format set of `count` shapes images (PNG) with every category that
-    appears; returns the annotation file."""
-    folder.mkdir(parents=True)
-    images, annotations, used = [], [], set()
-    for i in range(count):
-        sample = shapes.generate(seed, "validation", i, image_size=image_size, max_objects=3)
-        Image.fromarray(sample.image).save(folder / f"{i}.png")
-        images.append({"id": 100 * seed + i, "file_name": f"{i}.png", "width": image_size, "height": image_size})
-        for obj in sample.objects:
-            x0, y0, x1, y1 = obj.box  # pixel edges
-            annotations.append({"id": len(annotations) + 1, "image_id": 100 * seed + i, "category_id": obj.category.id,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-            used.add(obj.category)
-    categories = [{"id": c.id, "name": c.name} for c in sorted(used, key=lambda c: -c.id)]  # not in id order
-    path = folder / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,8 @@ Devices and hosts: every process reads its own contiguous part of the set (the
 parts differ by at most one record) and runs it in fixed-size batches on its own
 devices (load_run's mesh), each batch split over the mesh's batch axes; the last
 batch is padded with blank images whose results are dropped. The per-image results
-(fixed-size arrays padded to the largest part) are gathered to every process with
-jax.experimental.multihost_utils.process_allgather; Flickr gathers its hit counts.
-With one process nothing is gathered. Progress lines (images/s, ETA) go to stderr
-from process 0.
+are gathered to every process (glipjax.eval.hosts.gather); Flickr gathers its hit
+counts. Progress lines (images/s, ETA) go to stderr from process 0.
 """
 
 from __future__ import annotations
@@ -28,17 +26,13 @@ import dataclasses
 import math
 import os
 import pathlib
-import sys
-import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 import transformers
-from jax.experimental import multihost_utils
 
 from glipjax import sharding
 from glipjax.data import transforms
@@ -48,8 +42,9 @@ from glipjax.data.prompts import chunk_classes, positive_map
 from glipjax.data.tokenizer import encode
 from glipjax.eval.coco import coco_box_metrics
 from glipjax.eval.flickr import FlickrRecallEvaluator, group_phrases
+from glipjax.eval.hosts import Progress, gather, host_bounds
 from glipjax.eval.lvis import MAX_PER_IMAGE, TOP_PER_CLASS, LvisEvaluator
-from glipjax.eval.shapes import PromptChunk, build_prompt_chunks
+from glipjax.inference import PromptChunk, build_prompt_chunks
 from glipjax.models.glip import GLIP, GLIPConfig, detect
 from glipjax.models.postprocess import Detections
 
@@ -106,60 +101,6 @@ def _axes(target: Any) -> tuple[str, ...]:
     if target is None:
         return ()
     return tuple(target) if isinstance(target, (tuple, list)) else (target,)
-
-
-# ---------------------------------------------------------------------------- hosts and progress
-
-
-def host_bounds(total: int, process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
-    """[start, end) of this process's contiguous part of `total` records."""
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    return total * index // count, total * (index + 1) // count
-
-
-def gather(tree: Any, size: int, total_sizes: Sequence[int]) -> Any:
-    """Every process's rows of `tree` (numpy leaves whose first `size` rows are this
-    process's results) concatenated in process order; `total_sizes` holds each
-    process's row count. One process: the tree itself."""
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda x: x[:size], tree)
-    rows = max(total_sizes)
-
-    def pad(x):
-        x = np.asarray(x)[:size]
-        if x.dtype == np.int64:  # int64 travels as int32 pairs (JAX without x64)
-            x = x.view(np.int32).reshape(*x.shape, 2)
-        return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
-
-    gathered = multihost_utils.process_allgather(jax.tree.map(pad, tree), tiled=False)
-
-    def unpad(x, like):
-        x = np.concatenate([np.asarray(x[p, :n]) for p, n in enumerate(total_sizes)])
-        return np.ascontiguousarray(x).view(np.int64).reshape(x.shape[:-1]) if like.dtype == np.int64 else x
-
-    return jax.tree.map(unpad, gathered, tree)
-
-
-class Progress:
-    """"eval NAME: done/total images, R images/s, ETA Ts" on stderr (process 0),
-    at most every `every_s` seconds and at the end."""
-
-    def __init__(self, name: str, total: int, enabled: bool = True, every_s: float = 10.0, unit: str = "images"):
-        self.name, self.total, self.unit, self.every_s = name, total, unit, every_s
-        self.enabled = enabled and jax.process_index() == 0
-        self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        now = time.monotonic()
-        if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"eval {self.name}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s",
-                  file=sys.stderr, flush=True)
-            self.last = now
 
 
 # ---------------------------------------------------------------------------- records
@@ -336,12 +277,13 @@ def _prompt_names(categories: Sequence[dict[str, Any]], names: Sequence[str] = (
 def evaluate_coco(detector: Detector, data: EvalData, annotations: str | os.PathLike, images: str | os.PathLike, *,
                   class_names: Sequence[str] = (), classes_per_chunk: int = 0, name: str = "coco") -> dict[str, Any]:
     """COCO box AP (glipjax.eval.coco.STAT_NAMES) of a COCO-format set over the
-    images evaluated, plus num_images and num_chunks. class_names replaces the
+    images evaluated, plus num_images, num_chunks and dropped (what the builder's
+    bad-data rules skipped, {"group/reason": n}). class_names replaces the
     categories' names in the prompt (in category-id order)."""
     gt = read_ground_truth(annotations)
     prompt, category_ids = _prompt_names(gt["categories"], class_names)
     chunks = class_chunks(prompt, category_ids, data.tokenizer, detector.glip_config.max_text_len, classes_per_chunk)
-    ds, _, sizes = open_records("coco", data, annotations, images)
+    ds, meta, sizes = open_records("coco", data, annotations, images)
     found = detect_set(detector, data, chunks, ds, sizes, name)
     to_json = _image_ids(gt)
     evaluated = {to_json[int(i)] for i in found.image_ids}
@@ -353,7 +295,7 @@ def evaluate_coco(detector: Detector, data: EvalData, annotations: str | os.Path
     subset = dict(gt, images=[im for im in gt["images"] if im["id"] in evaluated],
                   annotations=[a for a in gt["annotations"] if a["image_id"] in evaluated])
     report: dict[str, Any] = coco_box_metrics(subset, detections)
-    report.update(num_images=len(evaluated), num_chunks=len(chunks))
+    report.update(num_images=len(evaluated), num_chunks=len(chunks), dropped=meta["drops"])
     return report
 
 
@@ -365,18 +307,18 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
 def evaluate_lvis(detector: Detector, data: EvalData, annotations: str | os.PathLike, images: str | os.PathLike, *,
                   classes_per_chunk: int = 40, top_per_class: int = TOP_PER_CLASS) -> dict[str, Any]:
     """LVIS fixed AP (glipjax.eval.lvis) over the images evaluated; the detector
-    should keep lvis.MAX_PER_IMAGE boxes per image. Adds num_images and num_chunks."""
+    should keep lvis.MAX_PER_IMAGE boxes per image. Adds num_chunks and dropped."""
     gt = read_ground_truth(annotations)
     evaluator = LvisEvaluator(gt, max_per_image=MAX_PER_IMAGE, top_per_class=top_per_class)
     prompt, category_ids = _prompt_names(gt["categories"])
     chunks = class_chunks(prompt, category_ids, data.tokenizer, detector.glip_config.max_text_len, classes_per_chunk)
-    ds, _, sizes = open_records("coco", data, annotations, images)
+    ds, meta, sizes = open_records("coco", data, annotations, images)
     found = detect_set(detector, data, chunks, ds, sizes, "lvis")
     to_json = _image_ids(gt)
     for image_id, boxes, scores, labels in found.per_image():
         evaluator.add_image(to_json[image_id], boxes, scores, labels)
     report: dict[str, Any] = evaluator.result()
-    report.update(num_chunks=len(chunks))
+    report.update(num_chunks=len(chunks), dropped=meta["drops"])
     return report
 
 
@@ -412,9 +354,9 @@ _QUERY_INPUTS = (
 def evaluate_flickr(detector: Detector, data: EvalData, annotations: str | os.PathLike, images: str | os.PathLike,
                     *, max_phrases: int = MAX_PHRASES) -> dict[str, Any]:
     """Flickr30k entities Recall@1/5/10 (any-box and merged-box, glipjax.eval.flickr)
-    of an MDETR-format set (one record per caption), plus num_records. A phrase is
+    of an MDETR-format set (one record per caption), plus num_records and dropped. A phrase is
     the boxes sharing the same spans; its predictions are the boxes labelled with it."""
-    ds, _, sizes = open_records("mdetr", data, annotations, images)
+    ds, meta, sizes = open_records("mdetr", data, annotations, images)
     text_len = detector.glip_config.max_text_len
     evaluator = FlickrRecallEvaluator()
     progress = Progress("flickr", sum(sizes), data.progress, unit="captions")
@@ -436,5 +378,5 @@ def evaluate_flickr(detector: Detector, data: EvalData, annotations: str | os.Pa
     for row in counts:
         total.add_counts(row)
     report: dict[str, Any] = total.result()
-    report.update(num_records=sum(sizes))
+    report.update(num_records=sum(sizes), dropped=meta["drops"])
     return report

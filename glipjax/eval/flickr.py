@@ -98,12 +98,12 @@ class FlickrRecallEvaluator:
             raise ValueError(f"counts must have shape {self.counts.shape}, got {counts.shape}")
         self.counts += counts
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, float | int]:
         phrases = int(self.counts[0])
         if not phrases:
             raise ValueError("no phrases were added")
         hits = self.counts[1:].reshape(2, len(self.ks))
         out = {f"{p}/R@{k}": float(hits[row, j]) / phrases
                for row, p in enumerate(PROTOCOLS) for j, k in enumerate(self.ks)}
-        out["num_phrases"] = float(phrases)
+        out["num_phrases"] = phrases
         return out

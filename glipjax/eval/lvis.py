@@ -137,7 +137,7 @@ class LvisEvaluator:
                         "bbox": [float(v) for v in xyxy_to_xywh(boxes[i])[0]]})
         return out
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, float | int]:
         if not self._added:
             raise ValueError("no images were added")
         images = [self.images[i] for i in sorted(self._added)]
@@ -173,8 +173,8 @@ class LvisEvaluator:
         }
         for f in FREQUENCIES:
             out[f"AP{f}"] = _mean(precision[:, :, groups[f], 0])
-        out["num_images"] = float(len(self._added))
-        out["num_detections"] = float(len(detections))
+        out["num_images"] = len(self._added)
+        out["num_detections"] = len(detections)
         return out
 
 
