@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import importlib.util
 import pathlib
 from typing import Any, Sequence
@@ -93,10 +94,24 @@ def _split_override(item: str) -> tuple[str, str]:
     return field, text
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `spec` ("configs/demo.py" or "configs/demo.py:tiny") and applies overrides
+def add_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+    """Adds the fields of `defaults` that `config` lacks (recursively into groups)."""
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = copy.deepcopy(value)
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict):
+            add_defaults(config[key], value)
+
+
+def load_config(
+    spec: str, overrides: Sequence[str] = (), defaults: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+    """Loads `spec` ("configs/demo.py" or "configs/demo.py:tiny"), adds a command's
+    `defaults` for fields the file lacks, and applies overrides
     ("--config.train.steps=10" or "train.steps=10")."""
     config = _load_file(spec)
+    if defaults is not None:
+        add_defaults(config, defaults)
     for item in overrides:
         apply_override(config, *_split_override(item))
     config.lock()
@@ -104,9 +119,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def parse_command_line(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    defaults: ml_collections.ConfigDict | None = None,
 ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
-    """Parses a command's flags plus `--config SPEC` and `--config.field=value` overrides.
+    """Parses a command's flags plus `--config SPEC` and `--config.field=value` overrides
+    (`defaults`: the command's own fields, added where the config file lacks them).
 
     The parser must not define --config itself. Exits with a one-line message on a
     config error, like argparse does for its own flags.
@@ -122,7 +140,7 @@ def parse_command_line(
         else:
             parser.error(f"unrecognized argument: {item}")
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, defaults)
     except ConfigError as e:
         parser.error(str(e))
     return args, config
