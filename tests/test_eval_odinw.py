@@ -147,7 +147,8 @@ def detector(setup):
     init = jax.jit(model.init).lower(*args).compile(
         compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
     mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
-    params = jax.device_put(meta.unbox(init(*args)["params"]), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(meta.unbox(init(*args)["params"]), replicated)  # as load_run places them
     return datasets.Detector(model, config, params, mesh, batch_size=BATCH)
 
 
@@ -159,7 +160,8 @@ def test_report_equals_pycocotools_on_the_same_detections(setup, detector):
                                    data.tokenizer, 64)
     ds, _, sizes = datasets.open_records("coco", data, path, path.parent)
     found = datasets.detect_set(detector, data, chunks, ds, sizes, "alpha")
-    results = [{"image_id": i, "category_id": int(c), "score": float(s), "bbox": [b[0], b[1], b[2] - b[0] + 1, b[3] - b[1] + 1]}
+    results = [{"image_id": i, "category_id": int(c), "score": float(s),
+                "bbox": [b[0], b[1], b[2] - b[0] + 1, b[3] - b[1] + 1]}
                for i, boxes, scores, labels in found.per_image() for b, s, c in zip(boxes, scores, labels)]
     assert results and report["num_images"] == 5 and report["num_chunks"] == len(chunks) == 1
     with contextlib.redirect_stdout(io.StringIO()):

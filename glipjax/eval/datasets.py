@@ -288,7 +288,8 @@ def evaluate_coco(detector: Detector, data: EvalData, annotations: str | os.Path
     to_json = _image_ids(gt)
     evaluated = {to_json[int(i)] for i in found.image_ids}
     detections = [
-        {"image_id": to_json[image_id], "category_id": int(label), "bbox": [float(v) for v in box], "score": float(score)}
+        {"image_id": to_json[image_id], "category_id": int(label), "bbox": [float(v) for v in box],
+         "score": float(score)}
         for image_id, boxes, scores, labels in found.per_image()
         for box, score, label in zip(_xywh(boxes), scores, labels)
     ]
