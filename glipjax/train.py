@@ -17,6 +17,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from glipjax import checkpoint, sharding, train_state
@@ -146,6 +147,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         log.info("resumed from step %d", int(state["step"]))
     else:
         state = train_state.init_state(config, model, tx, mesh, rules, text_params)
+        if config.train.get("init_from"):
+            from glipjax import warm_start
+
+            state["params"] = warm_start.merge(state["params"], warm_start.source_params(config))
+            if config.optim.ema_decay:
+                state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
+            log.info("params initialised from %s", config.train.init_from)
     checkpoint.install_sigterm_handler()
 
     # ---------------------------------------------------------------- loop

@@ -53,6 +53,9 @@ class GLIPConfig:
     max_text_len: int = 256
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
     remat: bool = False  # rematerialise each Swin block, BERT layer and head layer
+    # Prompt tuning (reference section 4): a zero-initialised (max_text_len, hidden)
+    # offset "prompt_offset" added to the text encoder's output embeddings.
+    prompt_tuning: bool = False
 
     def __post_init__(self):
         if self.head.channels != self.fpn_channels:
@@ -136,6 +139,13 @@ class GLIP(nn.Module):
         lang_hidden = BertModel(self.config.text, self.dtype, self.config.remat, name="language_backbone")(
             input_ids, attention_mask, deterministic=deterministic
         )
+        if self.config.prompt_tuning:
+            length = input_ids.shape[1]
+            if length > self.config.max_text_len:
+                raise ValueError(f"text of {length} tokens exceeds max_text_len {self.config.max_text_len}")
+            offset = self.param("prompt_offset", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+                                (self.config.max_text_len, self.config.text.hidden_size))
+            lang_hidden = lang_hidden + offset[:length].astype(lang_hidden.dtype)
         head = dataclasses.replace(self.config.head, remat=self.config.remat or self.config.head.remat)
         out = VLDyHead(head, self.dtype, name="head")(
             pyramid, lang_hidden, attention_mask, deterministic, return_intermediates
@@ -190,7 +200,7 @@ def losses(
 def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0 or () keeps the preset's value): fusion_embed_dim,
-    fusion_heads, anchor_sizes, remat. `text` replaces the language model's config."""
+    fusion_heads, anchor_sizes, remat, prompt_tuning. `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[model.preset]()
@@ -201,7 +211,8 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, fusion_embed_dim=model.fusion_embed_dim)
     if model.get("fusion_heads"):
         head = dataclasses.replace(head, fusion_heads=model.fusion_heads)
-    changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False))}
+    changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False)),
+                               "prompt_tuning": bool(model.get("prompt_tuning", False))}
     if model.get("anchor_sizes"):
         changes["anchor_sizes"] = tuple(model.anchor_sizes)
     if max_text_len:

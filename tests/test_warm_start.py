@@ -1,0 +1,72 @@
+"""Warm start (train.init_from) and prompt tuning: a run started from another run's
+checkpoint holds its params, and prompt tuning trains nothing but the offset."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from glipjax import warm_start
+from glipjax.config import apply_override, load_config
+from glipjax.runs import load_run
+
+FIXTURES = "tests/fixtures"
+
+
+def _fresh():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {"a": {"kernel": jax.device_put(np.zeros((2, 3), np.float32), sharding)},
+            "prompt_offset": jax.device_put(np.zeros((4,), np.float32), sharding)}
+
+
+def test_merge_loads_present_params_and_keeps_new_ones():
+    init = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    merged = warm_start.merge(_fresh(), init)
+    np.testing.assert_array_equal(merged["a"]["kernel"], init["a"]["kernel"])
+    np.testing.assert_array_equal(merged["prompt_offset"], np.zeros(4))
+    assert merged["a"]["kernel"].sharding == _fresh()["a"]["kernel"].sharding
+
+
+def test_merge_rejects_wrong_shapes_and_unknown_params():
+    with pytest.raises(ValueError, match=r"a/kernel has shape \(3, 2\)"):
+        warm_start.merge(_fresh(), {"a": {"kernel": np.zeros((3, 2), np.float32)}})
+    with pytest.raises(ValueError, match="no place in the model.*b/kernel"):
+        warm_start.merge(_fresh(), {"b": {"kernel": np.zeros((2, 3), np.float32)}})
+
+
+def _finetune_config(source, workdir_overrides=()):
+    config = load_config("configs/finetune.py:prompt")
+    config.unlock()
+    for key in ("preset", "text_encoder", "fusion_embed_dim", "fusion_heads", "anchor_sizes"):
+        config.model[key] = source.model[key]
+    for key in ("canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes"):
+        config.data[key] = source.data[key]
+    for key, value in [("train.steps", "2"), ("train.log_every", "1"), ("data.batch_size", "2"),
+                       ("data.sources.train.annotations", f"{FIXTURES}/coco_instances.json"),
+                       ("data.sources.train.images", f"{FIXTURES}/images"), *workdir_overrides]:
+        apply_override(config, key, value)
+    return config
+
+
+def test_init_from_another_model_names_the_fields(tiny_run):
+    config = _finetune_config(load_run(tiny_run).config, [("train.init_from", str(tiny_run))])
+    config.model.fusion_heads = 4
+    with pytest.raises(ValueError, match="model.fusion_heads: 8 in the source, 4 here"):
+        warm_start.source_params(config)
+
+
+@pytest.mark.slow
+def test_prompt_tuning_from_a_run_changes_only_the_offset(tiny_run, tmp_path, repo_root, monkeypatch):
+    from glipjax.train import train
+
+    monkeypatch.chdir(repo_root)
+    source = load_run(tiny_run)
+    config = _finetune_config(source.config, [("train.init_from", str(tiny_run))])
+    train(config, tmp_path)
+    tuned = load_run(tmp_path).params
+    offset = np.asarray(tuned.pop("prompt_offset"))
+    assert offset.shape == (source.config.data.max_text_len, source.glip_config.text.hidden_size)
+    assert np.abs(offset).max() > 0  # trained at lr 0.05 from zero
+    for a, b in zip(jax.tree_util.tree_leaves(source.params), jax.tree_util.tree_leaves(tuned), strict=True):
+        np.testing.assert_array_equal(a, b)
