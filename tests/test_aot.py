@@ -144,10 +144,10 @@ def test_aot_per_device_params_fall_as_one_over_fsdp(fsdp4_run):
     assert one_device / m["params"] == pytest.approx(4, rel=0.02)
     assert aot.per_device_bytes(one["opt_state"]) / m["opt_state"] == pytest.approx(4, rel=0.02)
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["batch_per_device"] == 1
-    # XLA's arguments are the state and batch shards (plus step and rng); the donated state
-    # is aliased by the outputs.
+    # XLA's arguments are the state and batch shards (plus step and rng, less the batch
+    # fields the step never reads, which jit drops); the donated state is aliased.
     state_and_batch = m["params"] + m["opt_state"] + m["ema"] + m["batch"]
-    assert state_and_batch <= m["arguments"] <= state_and_batch + 4096
+    assert abs(m["arguments"] - state_and_batch) <= 4096
     assert m["params"] + m["opt_state"] <= m["aliased"] <= m["outputs"]
     assert m["temporaries"] > 0
     assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
