@@ -1,0 +1,117 @@
+"""The trainer's update step (glipjax.train_state, as jitted by the trainer) on random
+inputs of a config's shapes: compile time, step time, images/s, FLOPs per step (XLA
+cost analysis), achieved FLOP/s against a matmul peak measured on the same device,
+and, on a GPU whose peak is known, model FLOPs utilisation (MFU).
+
+  python benchmarks/train_step.py --config configs/demo.py [--config.data.batch_size=16 ...]
+  python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=1 --steps 2
+  python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=8 \\
+      --config.model.dtype=bfloat16                                   # GPU MFU (goal >= 45%)
+
+The matmul peak is the best of a few square matmuls in the step's compute dtype (float32
+on CPU). MFU divides the achieved FLOP/s by the device's dense bf16 peak from its
+datasheet (PEAK_TFLOPS); XLA's count includes every op, so it is an upper estimate
+of the useful FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glipjax import sharding, train_state
+from glipjax.config import parse_command_line
+
+# Dense bf16 peak per device (TFLOP/s), from the vendors' datasheets.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
+
+
+def flops_of(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A global batch of the pipeline's shapes with a few boxes per image."""
+    b, (h, w), length, boxes = config.data.batch_size, config.data.canvas, config.data.max_text_len, config.data.max_boxes
+    corner = rng.uniform(0, min(h, w) / 2, (b, boxes, 2))
+    size = rng.uniform(16, min(h, w) / 3, (b, boxes, 2))
+    positive = np.zeros((b, boxes, length), np.float32)
+    positive[:, :, 1:3] = 0.5
+    return {
+        "images": rng.normal(size=(b, h, w, 3)).astype(np.float32),
+        "input_ids": rng.integers(1000, 2000, (b, length)).astype(np.int32),
+        "attention_mask": (np.arange(length)[None] < length // 2).repeat(b, 0).astype(np.int32),
+        "gt_boxes": np.concatenate([corner, corner + size], -1).astype(np.float32),
+        "gt_mask": (np.arange(boxes)[None, :] < min(boxes, 4)).repeat(b, 0),
+        "positive_map": positive,
+    }
+
+
+def matmul_peak(dtype: jnp.dtype, size: int, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul in `dtype` on the default device."""
+    a = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+    parser.add_argument("--matmul-size", type=int, default=0, help="0: 2048 on CPU, 8192 on accelerators")
+    args, config = parse_command_line(parser)
+
+    device = jax.devices()[0]
+    mesh = sharding.make_mesh(dict(config.sharding.mesh))
+    rules = sharding.rules_from_config(config)
+    model, glip_config, text_params = train_state.build_model(config)
+    tx, schedule = train_state.make_tx(config)
+    state = train_state.init_state(config, model, tx, mesh, rules, text_params)
+    step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
+                                      state, mesh, rules)
+    batch = sharding.shard_batch(random_batch(config, np.random.default_rng(0)), mesh, rules)
+    print(f"{config.model.preset} ({config.model.dtype}), batch {config.data.batch_size} of "
+          f"{tuple(config.data.canvas)}, text {config.data.max_text_len}, mesh {dict(mesh.shape)} on "
+          f"{mesh.size} x {device.device_kind}", flush=True)
+
+    start = time.perf_counter()
+    with sharding.sharding_context(mesh, rules):
+        compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    step_flops = flops_of(compiled)
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / args.steps
+
+    achieved = step_flops / step_s / mesh.size
+    dtype = jnp.dtype(config.model.dtype)
+    size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
+    peak = matmul_peak(dtype, size)
+    print(f"compile {compile_s:.1f} s, step {step_s:.3f} s, {config.data.batch_size / step_s:.2f} images/s, "
+          f"loss {float(metrics['loss']):.4f}")
+    print(f"{step_flops / 1e9:.1f} GFLOP per step; achieved {achieved / 1e9:.1f} GFLOP/s per device = "
+          f"{100 * achieved / peak:.0f}% of the measured {dtype.name} matmul peak ({peak / 1e9:.1f} GFLOP/s, "
+          f"{size}^3)")
+    spec = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device.device_kind.lower()), None)
+    if spec is not None:
+        print(f"MFU {100 * achieved / (spec * 1e12):.1f}% of the {device.device_kind} bf16 peak ({spec:.0f} TFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
