@@ -114,9 +114,10 @@ def check_params_match(expected: Any, stored: Any, config: ml_collections.Config
 def _metadata(directory: pathlib.Path) -> Any:
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.metadata(directory).item_metadata
+            metadata = checkpointer.metadata(directory).item_metadata
     except Exception as e:  # unreadable or damaged files surface as many error types
         raise RunError(f"cannot read the checkpoint at {directory}: {type(e).__name__}: {e}") from e
+    return getattr(metadata, "tree", metadata)  # the nested dicts of the saved tree
 
 
 def _restore(directory: pathlib.Path, target: dict[str, Any]) -> dict[str, Any]:
@@ -151,8 +152,8 @@ def load_run(path: str | pathlib.Path, *, ema: bool = False, step: int | None = 
              mesh: jax.sharding.Mesh | None = None) -> Run:
     """Config, model and params of a training workdir or an export directory.
 
-    ema: the EMA params of a training state (RunError if the run keeps none); for an
-    export, whether it was exported from EMA params must agree. step: a training step
+    ema: the EMA params of a training state (RunError if the run keeps none); an
+    export holds one set of params, and ema=True asks that it be the EMA. step: a training step
     (default the latest finished one); for an export, its source step must agree.
     mesh: where the params go (default: a "data" mesh over this process's devices, so
     they are replicated unless the config's rules split them over other axes).
@@ -165,10 +166,12 @@ def load_run(path: str | pathlib.Path, *, ema: bool = False, step: int | None = 
     if not exported and not (directory / CHECKPOINTS_DIR).is_dir():
         raise RunError(f"{directory} has neither {CHECKPOINTS_DIR}/ (a training workdir) nor "
                        f"{EXPORT_FILE} (an export)")
+    model_config = config
     if exported and (directory / TEXT_ENCODER_DIR).is_dir():
-        config.model.text_encoder = str(directory / TEXT_ENCODER_DIR)
+        model_config = config.copy_and_resolve_references()
+        model_config.model.text_encoder = str(directory / TEXT_ENCODER_DIR)
     try:
-        model, glip_config, _ = train_state.build_model(config, load_text_weights=False)
+        model, glip_config, _ = train_state.build_model(model_config, load_text_weights=False)
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         raise RunError(f"cannot build the model of {directory / CONFIG_FILE}: {e}") from e
     mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1}, jax.local_devices())
@@ -178,9 +181,8 @@ def load_run(path: str | pathlib.Path, *, ema: bool = False, step: int | None = 
 
     if exported:
         info = json.loads((directory / EXPORT_FILE).read_text())
-        if ema != info["ema"]:
-            raise RunError(f"{directory} was exported {'with' if info['ema'] else 'without'} --ema; "
-                           f"load it with ema={info['ema']}")
+        if ema and not info["ema"]:
+            raise RunError(f"{directory} was exported without --ema; it holds the raw params only")
         if step is not None and step != info["step"]:
             raise RunError(f"{directory} was exported from step {info['step']}, not {step}")
         params_dir = directory / PARAMS_DIR
