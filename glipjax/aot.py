@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+# jax (and everything that imports it) is imported inside the functions: main must set
+# the simulated device count before jax starts (cpu_devices).
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -133,6 +135,7 @@ def abstract_batch(config: Any, mesh: Any, rules: Any) -> dict[str, Any]:
         "images": ((b, h, w, 3), jnp.float32), "input_ids": ((b, length), jnp.int32),
         "attention_mask": ((b, length), jnp.int32), "gt_boxes": ((b, boxes, 4), jnp.float32),
         "gt_mask": ((b, boxes), jnp.bool_), "positive_map": ((b, boxes, length), jnp.float32),
+        # image_id is int64 on the host; without jax_enable_x64 it becomes int32 on devices.
         "image_sizes": ((b, 2), jnp.int32), "image_id": ((b,), jnp.int32), "source": ((b,), jnp.int32),
     }
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=spec) for k, (shape, dtype) in shapes.items()}
