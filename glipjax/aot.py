@@ -1,7 +1,7 @@
 """Ahead-of-time memory check of the training step for a target mesh:
 
-  python -m glipjax.aot --config configs/glip_t.py --mesh data=1,fsdp=8,tensor=1 --devices 8 \
-      [--hbm 16GiB] [--out report.json] [--config.data.batch_size=8 ...]
+  python -m glipjax.aot --config configs/glip_t.py --mesh data=1,fsdp=8,tensor=1 --devices 8
+      [--hbm 16GiB] [--out report.json] [--state-only] [--config.data.batch_size=8 ...]
 
 The step (glipjax.train_state, exactly what the trainer jits) is lowered with the
 abstract state and an abstract global batch of the config's shapes on a mesh of N
@@ -233,18 +233,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="also write the report as JSON to this file")
     parser.add_argument("--state-only", action="store_true",
                         help="skip the compile: params, optimizer state, EMA and batch per device only (seconds)")
-    early, _ = parser.parse_known_args(argv)  # the device count must be set before jax (and the config) load
-    try:
-        devices = cpu_devices(early.devices)
-        budget = parse_bytes(early.hbm) if early.hbm else None
-    except AotError as e:
-        parser.error(str(e))
+    # The device count must be set before jax (and so the config) is imported.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--devices", type=int)
+    devices = None
+    if (count := early.parse_known_args(argv)[0].devices) is not None:
+        try:
+            devices = cpu_devices(count)
+        except AotError as e:
+            parser.error(str(e))
 
     from glipjax import sharding
     from glipjax.config import parse_command_line
 
-    args, config = parse_command_line(parser, argv)
+    args, config = parse_command_line(parser, argv)  # --help, or a missing --devices, ends here
     try:
+        budget = parse_bytes(args.hbm) if args.hbm else None
         axes = parse_mesh(args.mesh) if args.mesh else dict(config.sharding.mesh)
         mesh = sharding.make_mesh(axes, devices)
         rules = sharding.rules_from_config(config)
