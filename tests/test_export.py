@@ -16,7 +16,7 @@ from glipjax import export, predict, sharding
 from glipjax.runs import RunError, load_run
 
 NAMES = ["red circle", "blue square", "green triangle"]
-BOX_TOL = 1e-4  # px (measured: identical)
+BOX_TOL = 1e-4  # px; the same maths compiled twice, so only float rounding may differ
 
 
 @pytest.fixture(scope="module")
