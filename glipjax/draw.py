@@ -71,7 +71,9 @@ def draw_boxes(
     font = _font(font_size)
     for box, label in zip(boxes * scale, labels):
         x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=label_color(label) + (255,), width=line_width)
+        # Pixel edges to PIL's inclusive corners; a box under a pixel is drawn as one pixel.
+        draw.rectangle([x0, y0, max(x1 - 1, x0), max(y1 - 1, y0)], outline=label_color(label) + (255,),
+                       width=line_width)
     for k, (box, label) in enumerate(zip(boxes * scale, labels)):  # tags over all outlines
         color = label_color(label)
         x0, y0 = float(box[0]), float(box[1])

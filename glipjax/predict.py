@@ -191,8 +191,7 @@ def predict(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
             "detections": [{"box": [float(v) for v in box], "phrase": phrase, "score": float(s)}
                            for box, phrase, s in zip(boxes, phrases, scores)],
         })
-        outline = np.concatenate([boxes[:, :2], np.maximum(boxes[:, 2:], boxes[:, :2] + 1)], axis=1)  # >= 1 px
-        draw.draw_boxes(image, outline, phrases, scores).save(out / png)
+        draw.draw_boxes(image, boxes, phrases, scores).save(out / png)
         if progress:
             elapsed = time.monotonic() - start
             eta = elapsed / (k + 1) * (len(files) - k - 1)

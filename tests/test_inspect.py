@@ -87,3 +87,9 @@ def test_image_grid_lays_out_cells_and_wraps_captions():
     assert tuple(sheet[4, 4]) == (0, 0, 0) and tuple(sheet[4, 4 + 34]) == (60, 60, 60)
     long = draw.image_grid(images, ["a", "b", "many words " * 6], cols=2, pad=4)
     assert long.size[0] == short.size[0] and long.size[1] > short.size[1], "long captions wrap onto more lines"
+
+
+def test_draw_boxes_draws_a_box_under_a_pixel_as_one_pixel():
+    image = np.zeros((60, 60, 3), np.uint8)
+    out = np.asarray(draw.draw_boxes(image, [[5, 40, 5.3, 40.2]], ["red circle"], line_width=1))
+    assert out[40, 5].any() and not out[50:, 10:].any()  # the pixel; nothing below the tag
