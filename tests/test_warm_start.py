@@ -42,7 +42,7 @@ def _finetune_config(source, workdir_overrides=()):
         config.model[key] = source.model[key]
     for key in ("canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes"):
         config.data[key] = source.data[key]
-    for key, value in [("train.steps", "2"), ("train.log_every", "1"), ("data.batch_size", "2"),
+    for key, value in [("train.steps", "2"), ("train.log_every", "1"), ("data.batch_size", "8"),
                        ("data.sources.train.annotations", f"{FIXTURES}/coco_instances.json"),
                        ("data.sources.train.images", f"{FIXTURES}/images"), *workdir_overrides]:
         apply_override(config, key, value)
