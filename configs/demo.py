@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_encoder = "minilm"  # "" for the preset's randomly initialised BERT, or a local HF BERT folder
     c.model.fusion_embed_dim = 256  # 0 keeps the preset's (2048)
     c.model.fusion_heads = 8
+    # Token logits are cosines / exp(log_scale): the reference's 0 bounds a logit gap by 2
+    # until the scalar has learned, too slow for a run of minutes.
+    c.model.log_scale_init = -2.3
     c.model.anchor_sizes = (16, 32, 64, 128, 256)  # objects of 8-60 px on a 128 px canvas
     c.model.dtype = "float32"
     c.model.remat = False

@@ -50,6 +50,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from glipjax import paths
+
 PyTree = Any
 DataState = dict | bytes
 
@@ -90,7 +92,7 @@ class Checkpointer:
             raise ValueError(f"best_mode must be one of {BEST_MODES}, got {best_mode!r}")
         if best_metric is not None and keep_best < 1:
             raise ValueError(f"keep_best must be >= 1 when best_metric is set, got {keep_best}")
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = paths.as_path(workdir) / "checkpoints"
         self.best_metric = best_metric
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
         best_fn = None if best_metric is None else _metric_getter(best_metric)
@@ -278,7 +280,7 @@ def preemption_requested(step: int) -> bool:
 
 def export_params(params: PyTree, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Writes a params-only checkpoint (Orbax StandardSave) to `directory`, synchronously."""
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.as_path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     with ocp.StandardCheckpointer() as checkpointer:
@@ -292,7 +294,7 @@ def load_params(directory: str | os.PathLike, abstract: PyTree | None = None) ->
     With `abstract` (ShapeDtypeStructs carrying shardings, or arrays) the params come back
     as jax.Arrays placed accordingly; without it, as host numpy arrays.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.as_path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"No params checkpoint at {directory}")
     with ocp.StandardCheckpointer() as checkpointer:

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from glipjax import sharding
+from glipjax import paths, sharding
 from glipjax.config import parse_command_line
 from glipjax.runs import Run, RunError, load_run
 from glipjax.train import _initialize_hosts
@@ -87,13 +87,6 @@ def _check_paths(config: ml_collections.ConfigDict, names: Sequence[str]) -> Non
             _paths(config, name)
         elif name == "odinw" and not config.eval.odinw.datasets:
             raise ValueError("--dataset odinw: set --config.eval.odinw.datasets (and eval.odinw.root)")
-
-
-def _data_dir(config: ml_collections.ConfigDict, checkpoint: pathlib.Path, flag: str | None) -> pathlib.Path:
-    if flag:
-        return pathlib.Path(flag)
-    data_dir = pathlib.Path(config.data.data_dir)
-    return data_dir if data_dir.is_absolute() else checkpoint / data_dir
 
 
 def evaluate(config: ml_collections.ConfigDict, run: Run, names: Sequence[str], data_dir: pathlib.Path, *,
@@ -204,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except RunError as e:
         parser.error(str(e))
     log.info("evaluating step %d of %s on %s", run.step, checkpoint, ", ".join(names))
-    reports = evaluate(config, run, names, _data_dir(config, checkpoint, args.data_dir), max_images=args.max_images)
+    reports = evaluate(config, run, names, paths.as_path(args.data_dir) if args.data_dir else paths.data_dir(config, checkpoint), max_images=args.max_images)
     report = _finite({"checkpoint": os.fspath(checkpoint), "step": run.step, "ema": args.ema,
                       "max_images": args.max_images, "datasets": reports})
     if jax.process_index() == 0:

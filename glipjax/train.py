@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Sequence
@@ -19,8 +18,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
-from glipjax import checkpoint, sharding, train_state
+from glipjax import checkpoint, paths, sharding, train_state
 from glipjax.config import parse_command_line
 from glipjax.models.glip import GLIP
 
@@ -37,18 +37,19 @@ def _initialize_hosts(args: argparse.Namespace) -> None:
 
 
 def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, glip_config: Any,
-              data_dir: pathlib.Path, pictures: pathlib.Path | None = None) -> dict[str, float]:
+              data_dir: epath.Path, pictures: epath.Path | None = None) -> dict[str, float]:
     """The configured evaluations (today: the shapes splits, with the true prompt and the
     swapped-colour control), flattened as "<split>/<mode>/<metric>". With `pictures`, the
     true-prompt predictions of each split are drawn to <pictures>/predictions_<split>.png."""
     from glipjax.eval.shapes import evaluate_shapes
+    from glipjax.inference import apply_fn
 
     results: dict[str, float] = {}
     max_images = config.eval.max_images or None
     for split in config.eval.splits:
         for mode in config.eval.prompt_modes:
             picture = pictures / f"predictions_{split}.png" if pictures is not None and mode == "true" else None
-            report = evaluate_shapes(_apply_fn(model), params, glip_config, config, data_dir, split, mode,
+            report = evaluate_shapes(apply_fn(model), params, glip_config, config, data_dir, split, mode,
                                      max_images, progress=False, picture=picture)
             for key in ("AP", "AP50", "novel_AP", "novel_AP50"):
                 if key in report:
@@ -56,24 +57,14 @@ def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, glip_
     return results
 
 
-_APPLY_FNS: dict[int, Any] = {}
-
-
-def _apply_fn(model: GLIP) -> Any:
-    """One function object per model, so the evaluator's compiled forward is reused."""
-    if id(model) not in _APPLY_FNS:
-        _APPLY_FNS[id(model)] = lambda p, *x: model.apply({"params": p}, *x)
-    return _APPLY_FNS[id(model)]
-
-
 class MetricWriter:
     """Progress lines on the console plus metrics.jsonl and TensorBoard in the workdir
     (written by process 0 only)."""
 
-    def __init__(self, workdir: pathlib.Path, total_steps: int):
+    def __init__(self, workdir: epath.Path, total_steps: int):
         self.total_steps = total_steps
         self.active = jax.process_index() == 0
-        self.jsonl = open(workdir / "metrics.jsonl", "a") if self.active else None
+        self.jsonl = (workdir / "metrics.jsonl").open("a") if self.active else None
         self.tb = None
         if self.active:
             import tensorflow as tf
@@ -110,8 +101,9 @@ class MetricWriter:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-    workdir = pathlib.Path(workdir)
+    """Trains (or resumes) the run in `workdir` (a local path or a gs:// URI); returns
+    the final metrics."""
+    workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     total_steps = config.train.steps
@@ -124,7 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     # ---------------------------------------------------------------- input
     from glipjax.data.pipeline import DataLoader
 
-    data_dir = workdir / config.data.data_dir if not os.path.isabs(config.data.data_dir) else config.data.data_dir
+    data_dir = paths.data_dir(config, workdir)
     loader = DataLoader(config, data_dir, mesh=mesh, rules=rules)
     batch_size = config.data.batch_size
 

@@ -27,18 +27,12 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from glipjax import draw
+from glipjax import draw, paths
 from glipjax.config import parse_command_line
 from glipjax.data import pipeline, shapes, tokenizer, transforms
 from glipjax.data.builders import shapes as shapes_builder
 
 _CELL_PIXELS = 256  # samples are enlarged to about this size so labels stay legible
-
-
-def resolve_data_dir(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
-    """c.data.data_dir, taken under `workdir` when relative."""
-    data_dir = pathlib.Path(cfg.data.data_dir).expanduser()
-    return data_dir if data_dir.is_absolute() else pathlib.Path(workdir) / data_dir
 
 
 def inspect_dataset(
@@ -57,7 +51,7 @@ def inspect_dataset(
         raise ValueError(f"Unknown split {split!r}; choose one of {shapes.SPLITS}.")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(cfg, workdir)
+    data_dir = paths.data_dir(cfg, workdir)
 
     start = time.perf_counter()
     builder = shapes_builder.shapes_builder(cfg.data.shapes, data_dir)
@@ -119,7 +113,7 @@ def inspect_mix(
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    loader = pipeline.DataLoader(cfg, resolve_data_dir(cfg, workdir), process_index=0, process_count=1)
+    loader = pipeline.DataLoader(cfg, paths.data_dir(cfg, workdir), process_index=0, process_count=1)
     try:
         batches = [loader.next_host_batch() for _ in range(num_batches)]
     finally:

@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from glipjax import sharding
+from glipjax import paths, sharding
 from glipjax.data import prompts, shapes, tokenizer, transforms
 from glipjax.data.builders import common
 from glipjax.data.builders import shapes as shapes_builder
@@ -113,7 +113,7 @@ def _host_split(split: str, process_index: int, process_count: int) -> str:
 
 def _shapes_source(
     name: str, src: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
-    data_dir: pathlib.Path, process_index: int, process_count: int,
+    data_dir: os.PathLike, process_index: int, process_count: int,
 ) -> Source:
     split = src.get("split", "train")
     if split not in shapes.SPLITS:
@@ -156,7 +156,7 @@ _SOURCE_FIELDS = ("kind", "weight", "prompt", "split")  # the rest are the build
 
 def _built_source(
     name: str, src: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
-    data_dir: pathlib.Path, process_index: int, process_count: int,
+    data_dir: os.PathLike, process_index: int, process_count: int,
 ) -> Source:
     """A source written by a glipjax.data.builders builder from local files (built on
     first use); the source's other fields are the builder's paths and options."""
@@ -269,7 +269,7 @@ def open_sources(
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight must be positive, got {src.weight}.")
         opener = _OPENERS[src.kind]
-        source = opener(name, src, data, pathlib.Path(data_dir), process_index, process_count)
+        source = opener(name, src, data, paths.as_path(data_dir), process_index, process_count)
         if source.prompt not in PROMPTS:
             raise ValueError(f"data.sources.{name}.prompt: unknown prompt {source.prompt!r}; choose one of {PROMPTS}.")
         if source.prompt != "caption" and not source.class_names:

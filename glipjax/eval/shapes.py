@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from glipjax import draw
+from glipjax import draw, paths
 from glipjax.data import shapes, transforms
 from glipjax.data.pipeline import transform_config
 from glipjax.data.builders.shapes import load_split
@@ -174,7 +174,8 @@ def evaluate_shapes(
         raise ValueError(f"shapes split {split!r} gave no images to evaluate")
     if picture is not None:
         captions = [f"{split}, prompt {prompt_mode}, score >= {picture_min_score}"] * len(drawn)
-        draw.image_grid(drawn, captions, cols=min(4, len(drawn))).save(picture)
+        with paths.as_path(picture).open("wb") as f:
+            draw.image_grid(drawn, captions, cols=min(4, len(drawn))).save(f, format="PNG")
 
     report: dict[str, Any] = {"split": split, "prompt_mode": prompt_mode, "num_images": done,
                               "num_chunks": len(chunks)}

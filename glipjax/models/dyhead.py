@@ -90,16 +90,6 @@ def hard_sigmoid(x: Array) -> Array:
     return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
-def torch_bias_init(fan_in: int) -> layers.Initializer:
-    """PyTorch's default Linear/Conv bias init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 def _align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
     """(out, in) bilinear weights with align_corners=True, in float32 as torch computes them."""
     scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
@@ -157,9 +147,9 @@ class DyReLU(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
         y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        y = layers.dense(c // 4, ("embed", "mlp"), name="fc_0", bias_init=torch_bias_init(c))(y)
+        y = layers.dense(c // 4, ("embed", "mlp"), name="fc_0", bias_init=layers.torch_bias_init(c))(y)
         y = nn.relu(y)
-        y = layers.dense(4 * c, ("mlp", None), name="fc_2", bias_init=torch_bias_init(c // 4))(y)
+        y = layers.dense(4 * c, ("mlp", None), name="fc_2", bias_init=layers.torch_bias_init(c // 4))(y)
         y = hard_sigmoid(y)[:, None, None, :]
         a1, b1, a2, b2 = jnp.split(y, 4, axis=-1)
         a1 = (a1 - 0.5) * 2.0 + 1.0
@@ -195,7 +185,7 @@ class DyConv(nn.Module):
         attn_conv = layers.conv(1, (1, 1), name="AttnConv_1",
                                 kernel_init=nn.initializers.normal(0.01))
         offset_conv = layers.conv(27, (3, 3), padding=((1, 1), (1, 1)), name="offset",
-                                  bias_init=torch_bias_init(9 * c))
+                                  bias_init=layers.torch_bias_init(9 * c))
         dyrelu = DyReLU(self.dtype, name="relu")
 
         for finer, coarser in zip(levels[:-1], levels[1:]):
@@ -349,7 +339,7 @@ class VLDyHead(nn.Module):
         )
         e = l2_normalize(text)
         tokens = layers.dense(cfg.channels, ("embed", None), name="dot_product_projection_text",
-                              bias_init=torch_bias_init(cfg.text_width))(e / 2.0)
+                              bias_init=layers.torch_bias_init(cfg.text_width))(e / 2.0)
         token_bias = e @ bias_lang + bias0  # (B, L)
 
         out: dict[str, list[Array]] = {

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax.models.layers import Dtype, conv, dense, layer_norm
+from glipjax.models.layers import Dtype, conv, dense, layer_norm, torch_bias_init
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -250,7 +250,10 @@ class PatchEmbed(nn.Module):
         p = cfg.patch_size
         _, h, w, _ = images.shape
         images = jnp.pad(images, ((0, 0), (0, -h % p), (0, -w % p), (0, 0)))
-        x = conv(cfg.embed_dim, (p, p), strides=p, padding="VALID", name="proj", dtype=self.dtype)(images)
+        # PyTorch's default Conv2d bias init, kept by the reference: with a zero bias, the
+        # LayerNorm of a zero-padded patch divides by sqrt(eps) in the backward pass.
+        x = conv(cfg.embed_dim, (p, p), strides=p, padding="VALID", name="proj", dtype=self.dtype,
+                 bias_init=torch_bias_init(p * p * images.shape[-1]))(images)
         return layer_norm(cfg.layer_norm_eps, name="norm", dtype=self.dtype)(x)
 
 
