@@ -1,4 +1,4 @@
-"""Drawing boxes with labels onto images and composing captioned image grids (PIL).
+"""Drawing boxes with labels onto images, captioned image grids and histograms (PIL).
 
 Boxes are absolute pixel xyxy (x0, y0, x1, y1) in the input image's coordinates.
 """
@@ -143,3 +143,39 @@ def image_grid(
         for n, line in enumerate(lines):
             draw.text((x, y + cell_h + pad // 2 + n * line_h), line, fill=(0, 0, 0), font=font)
     return sheet
+
+
+def histogram(
+    counts: Sequence[int],
+    value_range: tuple[float, float],
+    *,
+    marker: float | None = None,
+    title: str = "",
+    size: tuple[int, int] = (480, 240),
+    font_size: int = 11,
+) -> Image.Image:
+    """A bar chart of histogram `counts` over equal bins of `value_range`, with the
+    range's ends and the largest count labelled and an optional vertical `marker`
+    line (e.g. a threshold)."""
+    width, height = size
+    font = _font(font_size)
+    pad, top, bottom = 8, 2 * font_size + 8, font_size + 10
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 4), title, fill=(0, 0, 0), font=font)
+    peak = max(max(counts, default=0), 1)
+    draw.text((pad, font_size + 6), f"max {max(counts, default=0)}", fill=(90, 90, 90), font=font)
+    x0, x1, y0, y1 = pad, width - pad, top, height - bottom
+    bar_w = (x1 - x0) / max(len(counts), 1)
+    for i, count in enumerate(counts):
+        bar_top = y1 - (y1 - y0) * count / peak
+        draw.rectangle([x0 + i * bar_w + 1, bar_top, x0 + (i + 1) * bar_w - 1, y1], fill=(70, 110, 170))
+    draw.line([x0, y1, x1, y1], fill=(0, 0, 0))
+    low, high = value_range
+    draw.text((x0, y1 + 3), f"{low:g}", fill=(0, 0, 0), font=font)
+    end_label = f"{high:g}"
+    draw.text((x1 - font.getlength(end_label), y1 + 3), end_label, fill=(0, 0, 0), font=font)
+    if marker is not None and high > low:
+        mx = x0 + (x1 - x0) * (marker - low) / (high - low)
+        draw.line([mx, y0, mx, y1], fill=(200, 0, 0), width=2)
+    return image

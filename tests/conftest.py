@@ -14,6 +14,37 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO.parent / "shared" / "golden"
+# XLA's cheaper CPU compilation, for child processes that compile the model.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def spawn_workers(script: pathlib.Path, counts: list[int], timeout: float = 900) -> list[list[dict]]:
+    """Runs `script` as jax.distributed jobs on 127.0.0.1, one job of n processes per n
+    in `counts`, all at once. Each process gets argv (port, process id, process count)
+    and must print one JSON line last; returns those, per job in process order."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE_FLAGS)
+    jobs = []
+    for count in counts:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        jobs.append([subprocess.Popen([sys.executable, str(script), port, str(p), str(count)], cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                     for p in range(count)])
+    results = []
+    for job in jobs:
+        outputs = []
+        for worker in job:
+            out, err = worker.communicate(timeout=timeout)
+            assert worker.returncode == 0, err[-3000:]
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(outputs)
+    return results
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +87,7 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     import sys
 
     workdir = tmp_path_factory.mktemp("tiny_run")
-    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"]
-               + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAGS)
     command = [sys.executable, "-m", "glipjax.train", "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
                "--config.train.steps=2", "--config.eval.splits=()"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)

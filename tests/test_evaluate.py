@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import spawn_workers
 from eval_sets import write_coco_set, write_lvis_set, write_mdetr_set
 from glipjax import evaluate
 from glipjax.eval.coco import STAT_NAMES
@@ -59,12 +56,11 @@ def test_parse_datasets_and_host_parts():
 
 
 _WORKER = """
-import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+import json, sys
 import jax
 import numpy as np
-port, pid = sys.argv[1], int(sys.argv[2])
-jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+port, pid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+jax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
 from glipjax.eval.hosts import gather
 sizes = [3, 2]  # process 0 holds 3 rows, process 1 two (both pad to 4)
 ids = np.array([2**40 + 10 * pid + i for i in range(4)], np.int64)  # beyond int32
@@ -75,18 +71,10 @@ print(json.dumps({"ids": out_ids.tolist(), "dtype": str(out_ids.dtype), "rows": 
 
 
 def test_gather_across_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    workers = [subprocess.Popen([sys.executable, str(script), port, str(p)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
-    outputs = [w.communicate(timeout=120) for w in workers]
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-2000:]
-        result = json.loads(out.strip().splitlines()[-1])
+    [results] = spawn_workers(script, [2], timeout=120)
+    for result in results:
         assert result["dtype"] == "int64"
         assert result["ids"] == [2**40, 2**40 + 1, 2**40 + 2, 2**40 + 10, 2**40 + 11]
         assert result["rows"] == [[0.5, 0.5]] * 3 + [[1.5, 1.5]] * 2

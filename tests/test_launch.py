@@ -219,6 +219,19 @@ def test_help(script):
     assert result.returncode == 0 and "Usage:" in result.stdout and "--dry-run" in result.stdout
 
 
+def test_selftrain_demo_steps():
+    script = REPO / "launch" / "local" / "selftrain_demo.sh"
+    teacher, export, label, student = commands(run(script, "--workdir", "runs/st", "--tiny", "--dry-run"))
+    assert teacher[2:] == ["glipjax.train", "--config", "configs/demo_selftrain.py:tiny_teacher",
+                           "--workdir", "runs/st/teacher"]
+    assert export[2:] == ["glipjax.data.export_captions", "--config", "configs/demo_selftrain.py:tiny_teacher",
+                          "--out", "runs/st/captions"]
+    assert label[label.index("--captions") + 1] == "runs/st/captions/captions.jsonl"
+    assert label[label.index("--teacher") + 1] == "runs/st/teacher"
+    assert flag(student, "--config.data.sources.pseudo.annotations") == "runs/st/pseudo/pseudo_labels.jsonl"
+    assert "unknown argument --bogus" in run(script, "--bogus").stderr
+
+
 def shellcheck_binary() -> str | None:
     return shutil.which("shellcheck") or shutil.which("shellcheck", path=str(pathlib.Path(sys.executable).parent))
 

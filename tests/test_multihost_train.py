@@ -4,20 +4,15 @@ process that sees the whole batch."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+
+from conftest import spawn_workers
 
 STEPS = 3
 
 _WORKER = """
-import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+import json, sys
 import jax
 import numpy as np
 port, pid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -58,28 +53,11 @@ print(json.dumps({"devices": jax.device_count(), "losses": losses}))
 """ % {"steps": STEPS}
 
 
-def _run(tmp_path, repo_root, count: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(repo_root))
-    workers = [subprocess.Popen([sys.executable, str(script), port, str(p), str(count)], cwd=repo_root,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-               for p in range(count)]
-    results = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=900)
-        assert worker.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
-
-
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path, repo_root):
-    single = _run(tmp_path, repo_root, 1)
-    double = _run(tmp_path, repo_root, 2)
+    single, double = spawn_workers(script, [1, 2])  # the two jobs run at once
     assert single[0]["devices"] == 1 and [r["devices"] for r in double] == [2, 2]
     assert double[0]["losses"] == double[1]["losses"]  # one global computation
     assert len(single[0]["losses"]) == STEPS and np.isfinite(single[0]["losses"]).all()

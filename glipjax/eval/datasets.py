@@ -156,7 +156,7 @@ def _examples(ds: tf.data.Dataset, tcfg: transforms.TransformConfig) -> tf.data.
     return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
         batch.append(item)
@@ -167,7 +167,7 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _pad(rows: Sequence[np.ndarray], size: int) -> np.ndarray:
+def pad_rows(rows: Sequence[np.ndarray], size: int) -> np.ndarray:
     """Stacks rows and pads to `size` by repeating the last (a valid blank input)."""
     stacked = np.stack(rows)
     return np.concatenate([stacked, np.repeat(stacked[-1:], size - len(rows), axis=0)]) if len(rows) < size else stacked
@@ -226,11 +226,11 @@ def detect_set(detector: Detector, data: EvalData, chunks: Sequence[PromptChunk]
     ids = np.zeros(local, np.int64)
     boxes, scores = np.zeros((local, keep, 4), np.float32), np.zeros((local, keep), np.float32)
     labels, valid = np.zeros((local, keep), np.int64), np.zeros((local, keep), bool)
-    progress = Progress(name, sum(sizes), data.progress)
+    progress = Progress(f"eval {name}", sum(sizes), data.progress)
     row = 0
-    for batch in _batches(tfds.as_numpy(_examples(ds, data.transform)), batch_size):
-        images = _pad([e["image"] for e in batch], batch_size)
-        image_sizes = _pad([e["image_size"].astype(np.int32) for e in batch], batch_size)
+    for batch in batches(tfds.as_numpy(_examples(ds, data.transform)), batch_size):
+        images = pad_rows([e["image"] for e in batch], batch_size)
+        image_sizes = pad_rows([e["image_size"].astype(np.int32) for e in batch], batch_size)
         per_chunk = []
         for chunk in chunks:
             text = [np.broadcast_to(x, (batch_size,) + x.shape)
@@ -360,15 +360,15 @@ def evaluate_flickr(detector: Detector, data: EvalData, annotations: str | os.Pa
     ds, meta, sizes = open_records("mdetr", data, annotations, images)
     text_len = detector.glip_config.max_text_len
     evaluator = FlickrRecallEvaluator()
-    progress = Progress("flickr", sum(sizes), data.progress, unit="captions")
+    progress = Progress("eval flickr", sum(sizes), data.progress, unit="captions")
 
     def queries():
         for example in tfds.as_numpy(_examples(ds, data.transform)):
             yield from _queries(example, data.tokenizer, text_len, max_phrases)
             progress.update(1)
 
-    for batch in _batches(queries(), detector.batch_size):
-        dets = detector(*(_pad([get(q) for q in batch], detector.batch_size) for get in _QUERY_INPUTS))
+    for batch in batches(queries(), detector.batch_size):
+        dets = detector(*(pad_rows([get(q) for q in batch], detector.batch_size) for get in _QUERY_INPUTS))
         for b, query in enumerate(batch):
             boxes = _to_original(dets.boxes[b], query["example"])
             for p, gt in enumerate(query["gt"]):

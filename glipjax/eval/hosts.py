@@ -48,7 +48,7 @@ def gather(tree: Any, size: int, total_sizes: Sequence[int]) -> Any:
 
 
 class Progress:
-    """"eval NAME: done/total images, R images/s, ETA Ts" on stderr (process 0),
+    """"NAME: done/total images, R images/s, ETA Ts" on stderr (process 0),
     at most every `every_s` seconds and at the end."""
 
     def __init__(self, name: str, total: int, enabled: bool = True, every_s: float = 10.0, unit: str = "images"):
@@ -63,6 +63,6 @@ class Progress:
         if self.enabled and (now - self.last >= self.every_s or self.done >= self.total):
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"eval {self.name}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s",
+            print(f"{self.name}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s",
                   file=sys.stderr, flush=True)
             self.last = now
