@@ -74,8 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_encoder = "minilm"  # "" for the preset's randomly initialised BERT, or a local HF BERT folder
     c.model.fusion_embed_dim = 256  # 0 keeps the preset's (2048)
     c.model.fusion_heads = 8
-    # Token logits are cosines / exp(log_scale): the reference's 0 bounds a logit gap by 2
-    # until the scalar has learned, too slow for a run of minutes.
+    # Token logits are (region . token) / exp(log_scale). The reference starts log_scale
+    # at 0 and lets it learn, far too slowly for a run of minutes; -2.3 multiplies the
+    # logits by 10 from the start (on 8 training images, 300 steps: AP50 0.51 vs 0.18).
     c.model.log_scale_init = -2.3
     c.model.anchor_sizes = (16, 32, 64, 128, 256)  # objects of 8-60 px on a 128 px canvas
     c.model.dtype = "float32"
@@ -111,4 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 2 if tiny else 500
     c.checkpoint.keep = 2
+    # Also keep the keep_best evaluated steps with the best value of this eval metric
+    # (e.g. "validation/true/AP50"; needs evaluations: eval.every). "" turns it off.
+    c.checkpoint.best_metric = ""
+    c.checkpoint.best_mode = "max"
+    c.checkpoint.keep_best = 1
     return c

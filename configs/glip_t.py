@@ -116,4 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_every = 2500
     c.checkpoint.keep = 3
+    # Also keep the keep_best evaluated steps with the best value of this eval metric
+    # (e.g. "validation/true/AP50"; needs evaluations: eval.every). "" turns it off.
+    c.checkpoint.best_metric = ""
+    c.checkpoint.best_mode = "max"
+    c.checkpoint.keep_best = 1
     return c

@@ -131,7 +131,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # ---------------------------------------------------------------- sharded state: resumed or new
     save_every = config.checkpoint.save_every
-    ckpt = checkpoint.Checkpointer(workdir, save_every=save_every, keep=config.checkpoint.keep)
+    best = config.checkpoint.get("best_metric") or None
+    ckpt = checkpoint.Checkpointer(workdir, save_every=save_every, keep=config.checkpoint.keep, best_metric=best,
+                                   best_mode=config.checkpoint.get("best_mode", "max"),
+                                   keep_best=config.checkpoint.get("keep_best", 1))
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         _, state, data_state = restored
@@ -152,6 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     writer = MetricWriter(workdir, total_steps)
     step = int(state["step"])
     metrics: dict[str, Any] = {}
+    evaluated: dict[str, float] | None = None
     while step < total_steps:
         batch = next(loader)
         with sharding.sharding_context(mesh, rules):
@@ -163,11 +167,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 f"(train.max_bad_steps = {config.train.max_bad_steps}); last finite checkpoint kept in {workdir}")
         if step % config.train.log_every == 0 or step == total_steps:
             writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
-        if config.eval.every and step % config.eval.every == 0 and step < total_steps:
-            writer.write(step, _evaluate(config, model, state["params"], glip_config, data_dir))
+        evaluated = None
+        if config.eval.splits and (step == total_steps or (config.eval.every and step % config.eval.every == 0)):
+            pictures = workdir if step == total_steps and jax.process_index() == 0 else None
+            evaluated = _evaluate(config, model, state["params"], glip_config, data_dir, pictures)
+            writer.write(step, evaluated)
         preempted = checkpoint.preemption_requested(step)
-        if preempted or step % save_every == 0 or step == total_steps:
-            ckpt.save(step, state, checkpoint.pack_loader_state(loader), force=True)
+        if preempted or step % save_every == 0 or step == total_steps or evaluated:
+            ckpt.save(step, state, checkpoint.pack_loader_state(loader), metrics=evaluated if best else None,
+                      force=True)
         if preempted:
             ckpt.wait()
             print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume", flush=True)
@@ -175,13 +183,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     ckpt.close()
     loader.close()
     final = {k: float(v) for k, v in metrics.items()}
-    if config.eval.splits:
-        pictures = workdir if jax.process_index() == 0 else None
-        results = _evaluate(config, model, state["params"], glip_config, data_dir, pictures)
-        writer.write(step, results)
-        final.update(results)
+    if evaluated:
+        final.update(evaluated)
         if jax.process_index() == 0:
-            (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+            (workdir / "eval.json").write_text(json.dumps(evaluated, indent=2))
     writer.close()
     return final
 

@@ -76,3 +76,28 @@ def test_sigterm_resume_matches_uninterrupted_run(tmp_path, repo_root):
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_keep_best_evaluated_step(tmp_path, repo_root):
+    """With checkpoint.best_metric, the best evaluated step survives beside the latest."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "glipjax.train", "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
+               "--config.train.steps=6", "--config.eval.every=2", "--config.checkpoint.keep=1",
+               "--config.checkpoint.save_every=100", "--config.checkpoint.best_metric=validation/true/AP",
+               "--config.checkpoint.best_mode=min", "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
+               '--config.eval.splits=("validation",)', '--config.eval.prompt_modes=("true",)']
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
+    done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {m["step"]: m["validation/true/AP"] for m in logged if "validation/true/AP" in m}
+    assert sorted(evaluated) == [2, 4, 6]
+    lowest = min(evaluated.values())
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    others = [s for s in kept if s != 6]
+    assert 6 in kept and len(others) <= 1  # the latest, plus one best step
+    assert all(evaluated[s] == lowest for s in others)
+    if evaluated[6] > lowest:
+        assert len(others) == 1
+    assert json.loads((workdir / "eval.json").read_text())["validation/true/AP"] == evaluated[6]
