@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Sequence
@@ -89,7 +88,7 @@ def _check_paths(config: ml_collections.ConfigDict, names: Sequence[str]) -> Non
             raise ValueError("--dataset odinw: set --config.eval.odinw.datasets (and eval.odinw.root)")
 
 
-def evaluate(config: ml_collections.ConfigDict, run: Run, names: Sequence[str], data_dir: pathlib.Path, *,
+def evaluate(config: ml_collections.ConfigDict, run: Run, names: Sequence[str], data_dir: os.PathLike, *,
              max_images: int | None = None, progress: bool = True) -> dict[str, Any]:
     """{dataset name: its report} for a loaded run; `config` carries default_fields()
     (parse_command_line adds them)."""
@@ -103,7 +102,7 @@ def evaluate(config: ml_collections.ConfigDict, run: Run, names: Sequence[str], 
         raise ValueError(f"batch size {global_batch} is not divisible by the {jax.process_count()} processes")
     batch_size = global_batch // jax.process_count()
     rules = sharding.rules_from_config(config)
-    data = datasets.EvalData(pathlib.Path(data_dir), transform_config(config.data),
+    data = datasets.EvalData(paths.as_path(data_dir), transform_config(config.data),
                              load_tokenizer(config.data.tokenizer or None), max_images, progress)
     detectors: dict[int, datasets.Detector] = {}
 
@@ -139,7 +138,7 @@ def evaluate(config: ml_collections.ConfigDict, run: Run, names: Sequence[str], 
     return reports
 
 
-def _evaluate_shapes(config: ml_collections.ConfigDict, run: Run, data_dir: pathlib.Path, batch_size: int,
+def _evaluate_shapes(config: ml_collections.ConfigDict, run: Run, data_dir: os.PathLike, batch_size: int,
                      max_images: int | None, progress: bool) -> dict[str, Any]:
     """glipjax.eval.shapes.evaluate_shapes for every configured split and prompt mode,
     as {"<split>/<mode>": report}. Every process evaluates the whole (small) split."""
@@ -187,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _check_paths(config, names)
     except ValueError as e:
         parser.error(str(e))
-    checkpoint = pathlib.Path(args.checkpoint)
+    checkpoint = paths.as_path(args.checkpoint)
     if not checkpoint.is_dir():
         parser.error(f"--checkpoint {checkpoint}: no such directory")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -203,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if jax.process_index() == 0:
         text = json.dumps(report, indent=2)
         if args.out:
-            pathlib.Path(args.out).write_text(text + "\n")
+            paths.as_path(args.out).write_text(text + "\n")
         print(text, file=sys.stdout, flush=True)
     return report
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
-from glipjax import sharding, train_state
+from glipjax import paths, sharding, train_state
 from glipjax.models.glip import GLIP, GLIPConfig
 
 CONFIG_FILE = "config.json"
@@ -62,9 +63,9 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def read_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
+def read_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
     """The run config saved as <directory>/config.json (locked ConfigDict)."""
-    file = pathlib.Path(directory) / CONFIG_FILE
+    file = paths.as_path(directory) / CONFIG_FILE
     if not file.is_file():
         raise RunError(f"{directory} has no {CONFIG_FILE}: not a training workdir or an export directory")
     try:
@@ -111,7 +112,7 @@ def check_params_match(expected: Any, stored: Any, config: ml_collections.Config
                    f"with another config?")
 
 
-def _metadata(directory: pathlib.Path) -> Any:
+def _metadata(directory: epath.Path) -> Any:
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             metadata = checkpointer.metadata(directory).item_metadata
@@ -120,7 +121,7 @@ def _metadata(directory: pathlib.Path) -> Any:
     return getattr(metadata, "tree", metadata)  # the nested dicts of the saved tree
 
 
-def _restore(directory: pathlib.Path, target: dict[str, Any]) -> dict[str, Any]:
+def _restore(directory: epath.Path, target: dict[str, Any]) -> dict[str, Any]:
     """The subtrees named in `target` (ShapeDtypeStructs with shardings) of a saved tree."""
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target)
     try:
@@ -136,7 +137,7 @@ def _with_dtypes(abstract: Any, stored: Any) -> Any:
     return jax.tree.map(lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=a.sharding), abstract, stored)
 
 
-def _training_step(directory: pathlib.Path, step: int | None) -> int:
+def _training_step(directory: epath.Path, step: int | None) -> int:
     checkpoints = directory / CHECKPOINTS_DIR
     steps = sorted(ocp.utils.checkpoint_steps(checkpoints)) if checkpoints.is_dir() else []
     if not steps:
@@ -148,7 +149,7 @@ def _training_step(directory: pathlib.Path, step: int | None) -> int:
     return step
 
 
-def load_run(path: str | pathlib.Path, *, ema: bool = False, step: int | None = None,
+def load_run(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
              mesh: jax.sharding.Mesh | None = None) -> Run:
     """Config, model and params of a training workdir or an export directory.
 
@@ -158,7 +159,7 @@ def load_run(path: str | pathlib.Path, *, ema: bool = False, step: int | None = 
     mesh: where the params go (default: a "data" mesh over this process's devices, so
     they are replicated unless the config's rules split them over other axes).
     """
-    directory = pathlib.Path(path)
+    directory = paths.as_path(path)
     if not directory.is_dir():
         raise RunError(f"no such directory: {directory}")
     config = read_config(directory)

@@ -18,6 +18,20 @@ GOLDEN_DIR = REPO.parent / "shared" / "golden"
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+def train_in_child(config: str, workdir: pathlib.Path, *overrides: str, timeout: float = 900) -> list[dict]:
+    """`python -m glipjax.train` in a child process with XLA's cheaper compilation;
+    asserts it succeeds and returns the records of its metrics.jsonl."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "glipjax.train", "--config", config, "--workdir", str(workdir), *overrides]
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def spawn_workers(script: pathlib.Path, counts: list[int], timeout: float = 900) -> list[list[dict]]:
     """Runs `script` as jax.distributed jobs on 127.0.0.1, one job of n processes per n
     in `counts`, all at once. Each process gets argv (port, process id, process count)
@@ -83,15 +97,9 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     config.json and checkpoints/2. Trained in a child process (its memory, TensorFlow
     included, is returned when it ends) with XLA's cheaper CPU compilation: about a
     minute on two CPU cores, once per session."""
-    import subprocess
-    import sys
-
     workdir = tmp_path_factory.mktemp("tiny_run")
-    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAGS)
-    command = [sys.executable, "-m", "glipjax.train", "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
-               "--config.train.steps=2", "--config.eval.splits=()"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_child("configs/demo.py:tiny", workdir, "--config.train.steps=2", "--config.eval.splits=()",
+                   timeout=1800)
     return workdir
 
 

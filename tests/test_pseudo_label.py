@@ -4,14 +4,11 @@ screening, resume without duplicates) and the pseudo-label source in the trainin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAGS, REPO
+from conftest import train_in_child
 from glipjax import phrases, pseudo_label
 from glipjax.config import load_config
 from glipjax.data.builders import common
@@ -136,14 +133,11 @@ def test_pseudo_label_source_trains_in_the_mix(detecting_run, captions, tmp_path
     out = tmp_path / "pseudo"
     pseudo_label.pseudo_label(_config(score_threshold=0.1), str(detecting_run), str(captions), None, str(out))
     workdir = tmp_path / "student"
-    command = [sys.executable, "-m", "glipjax.train", "--config", CONFIG + ":tiny_student", "--workdir", str(workdir),
-               f"--config.data.sources.pseudo.annotations={out / 'pseudo_labels.jsonl'}",
-               "--config.data.sources.pseudo.weight=0.6", "--config.train.steps=3", "--config.eval.splits=()",
-               "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64"]
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    metrics = train_in_child(CONFIG + ":tiny_student", workdir,
+                             f"--config.data.sources.pseudo.annotations={out / 'pseudo_labels.jsonl'}",
+                             "--config.data.sources.pseudo.weight=0.6", "--config.train.steps=3",
+                             "--config.eval.splits=()", "--config.model.text_encoder=",
+                             "--config.model.fusion_embed_dim=64")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(np.isfinite(m["loss"]) and m["positives"] > 0 for m in metrics)
 

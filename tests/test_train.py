@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAGS
+from conftest import FAST_COMPILE_FLAGS, train_in_child
 from glipjax.checkpoint import load_params
 
 STEPS = 6
@@ -79,18 +79,15 @@ def test_sigterm_resume_matches_uninterrupted_run(tmp_path, repo_root):
 
 
 @pytest.mark.slow
-def test_keep_best_evaluated_step(tmp_path, repo_root):
+def test_keep_best_evaluated_step(tmp_path):
     """With checkpoint.best_metric, the best evaluated step survives beside the latest."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "glipjax.train", "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
-               "--config.train.steps=6", "--config.eval.every=2", "--config.checkpoint.keep=1",
-               "--config.checkpoint.save_every=100", "--config.checkpoint.best_metric=validation/true/AP",
-               "--config.checkpoint.best_mode=min", "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
-               '--config.eval.splits=("validation",)', '--config.eval.prompt_modes=("true",)']
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
-    done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = train_in_child(
+        "configs/demo.py:tiny", workdir, "--config.train.steps=6", "--config.eval.every=2",
+        "--config.checkpoint.keep=1", "--config.checkpoint.save_every=100",
+        "--config.checkpoint.best_metric=validation/true/AP", "--config.checkpoint.best_mode=min",
+        "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
+        '--config.eval.splits=("validation",)', '--config.eval.prompt_modes=("true",)')
     evaluated = {m["step"]: m["validation/true/AP"] for m in logged if "validation/true/AP" in m}
     assert sorted(evaluated) == [2, 4, 6]
     lowest = min(evaluated.values())

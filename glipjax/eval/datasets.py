@@ -110,7 +110,7 @@ def _axes(target: Any) -> tuple[str, ...]:
 class EvalData:
     """Where evaluation sets are built and how their images are prepared."""
 
-    data_dir: pathlib.Path
+    data_dir: os.PathLike
     transform: transforms.TransformConfig
     tokenizer: transformers.PreTrainedTokenizerBase
     max_images: int | None = None  # the first N records of a set (before splitting over hosts)
