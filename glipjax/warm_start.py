@@ -22,8 +22,9 @@ from glipjax.optim import param_path
 
 log = logging.getLogger(__name__)
 
-# Model fields that may differ from the source run: they change no pretrained param.
-_FREE_FIELDS = ("dtype", "remat", "prompt_tuning")
+# Model fields that may differ from the source run: they change no pretrained param
+# (log_scale_init only sets the value that the source's log_scale replaces).
+_FREE_FIELDS = ("dtype", "remat", "prompt_tuning", "log_scale_init")
 
 
 def _differing_fields(config: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> list[str]:

@@ -58,8 +58,17 @@ def captions(tmp_path_factory):
 
 
 def _config(**fields):
-    config = load_config(CONFIG + ":tiny_teacher", [f"pseudo_label.{k}={v}" for k, v in fields.items()])
-    return config
+    return load_config(CONFIG + ":tiny_teacher", [f"pseudo_label.{k}={v}" for k, v in fields.items()])
+
+
+@pytest.fixture(scope="module")
+def labelled(detecting_run, captions, tmp_path_factory):
+    """The tiny teacher's pseudo-labels of the 16 captions (score > 0.1, parts of 5):
+    (output folder, summary)."""
+    out = tmp_path_factory.mktemp("pseudo")
+    summary = pseudo_label.pseudo_label(_config(score_threshold=0.1, part_size=5), str(detecting_run), str(captions),
+                                        None, str(out))
+    return out, summary
 
 
 def _records(out):
@@ -67,10 +76,8 @@ def _records(out):
 
 
 @pytest.mark.slow
-def test_pseudo_labels_resume_and_format(detecting_run, captions, tmp_path):
-    config = _config(score_threshold=0.1, part_size=5)
-    out = tmp_path / "pseudo"
-    summary = pseudo_label.pseudo_label(config, str(detecting_run), str(captions), None, str(out))
+def test_pseudo_labels_resume_and_format(labelled, detecting_run, captions, tmp_path):
+    out, summary = labelled
     records = _records(out)
     lines = captions.read_text().splitlines()
     assert summary["lines"] == summary["images"] == len(lines) == 16
@@ -107,7 +114,8 @@ def test_pseudo_labels_resume_and_format(detecting_run, captions, tmp_path):
         (out / pseudo_label.PARTS_DIR / name).unlink()
     (out / pseudo_label.PARTS_DIR / "000000005-000000010.json.tmp").write_text("{partial")
     (out / pseudo_label.RECORDS_FILE).unlink()
-    again = pseudo_label.pseudo_label(config, str(detecting_run), str(captions), None, str(out))
+    again = pseudo_label.pseudo_label(_config(score_threshold=0.1, part_size=5), str(detecting_run), str(captions),
+                                      None, str(out))
     assert kept.stat().st_mtime_ns == kept_mtime
     assert _records(out) == records and again == summary
     assert len({r["image_id"] for r in records}) == len(records)
@@ -129,9 +137,8 @@ def test_bad_command_lines(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pseudo_label_source_trains_in_the_mix(detecting_run, captions, tmp_path):
-    out = tmp_path / "pseudo"
-    pseudo_label.pseudo_label(_config(score_threshold=0.1), str(detecting_run), str(captions), None, str(out))
+def test_pseudo_label_source_trains_in_the_mix(labelled, tmp_path):
+    out, _ = labelled
     workdir = tmp_path / "student"
     metrics = train_in_child(CONFIG + ":tiny_student", workdir,
                              f"--config.data.sources.pseudo.annotations={out / 'pseudo_labels.jsonl'}",
