@@ -1,5 +1,6 @@
 """The training command end to end: a run that is preempted (SIGTERM) and resumed
-ends with bit-identical params to an uninterrupted run of the same steps."""
+ends with bit-identical params to an uninterrupted run of the same steps; periodic
+evaluation keeps the best evaluated checkpoint beside the latest."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAGS, train_in_child
+from conftest import FAST_COMPILE_FLAGS
 from glipjax.checkpoint import load_params
 
 STEPS = 6
 OVERRIDES = [
-    f"--config.train.steps={STEPS}", "--config.checkpoint.save_every=100",
-    "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64", "--config.eval.splits=()",
+    f"--config.train.steps={STEPS}", "--config.checkpoint.save_every=100", "--config.checkpoint.keep=1",
+    "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
+    # Evaluation every 2 steps; the lowest AP is "best" so that it is rarely the latest.
+    "--config.eval.every=2", '--config.eval.splits=("validation",)', '--config.eval.prompt_modes=("true",)',
+    "--config.checkpoint.best_metric=validation/true/AP", "--config.checkpoint.best_mode=min",
 ]
+METRIC = "validation/true/AP"
 
 
 def _command(workdir: pathlib.Path) -> list[str]:
@@ -36,11 +41,29 @@ def _env(cache: pathlib.Path) -> dict[str, str]:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=FAST_COMPILE_FLAGS)
 
 
-def _steps_logged(workdir: pathlib.Path) -> list[int]:
+def _logged(workdir: pathlib.Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _steps_logged(workdir: pathlib.Path) -> list[int]:
+    """The training steps in metrics.jsonl (evaluation records left out)."""
+    return [m["step"] for m in _logged(workdir) if "loss" in m]
+
+
+def _check_keep_best(workdir: pathlib.Path) -> None:
+    evaluated = {m["step"]: m[METRIC] for m in _logged(workdir) if METRIC in m}
+    assert sorted(evaluated) == list(range(2, STEPS + 1, 2))
+    lowest = min(evaluated.values())
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    others = [s for s in kept if s != STEPS]
+    assert STEPS in kept and len(others) <= 1  # the latest (keep=1), plus one best step
+    assert all(evaluated[s] == lowest for s in others)
+    if evaluated[STEPS] > lowest:
+        assert len(others) == 1
+    assert json.loads((workdir / "eval.json").read_text())[METRIC] == evaluated[STEPS]
 
 
 def _final_params(workdir: pathlib.Path):
@@ -54,6 +77,7 @@ def test_sigterm_resume_matches_uninterrupted_run(tmp_path, repo_root):
     done = subprocess.run(_command(full), cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _steps_logged(full) == list(range(1, STEPS + 1))
+    _check_keep_best(full)
 
     proc = subprocess.Popen(_command(resumed), cwd=repo_root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -77,24 +101,3 @@ def test_sigterm_resume_matches_uninterrupted_run(tmp_path, repo_root):
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(x, y)
 
-
-@pytest.mark.slow
-def test_keep_best_evaluated_step(tmp_path):
-    """With checkpoint.best_metric, the best evaluated step survives beside the latest."""
-    workdir = tmp_path / "run"
-    logged = train_in_child(
-        "configs/demo.py:tiny", workdir, "--config.train.steps=6", "--config.eval.every=2",
-        "--config.checkpoint.keep=1", "--config.checkpoint.save_every=100",
-        "--config.checkpoint.best_metric=validation/true/AP", "--config.checkpoint.best_mode=min",
-        "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
-        '--config.eval.splits=("validation",)', '--config.eval.prompt_modes=("true",)')
-    evaluated = {m["step"]: m["validation/true/AP"] for m in logged if "validation/true/AP" in m}
-    assert sorted(evaluated) == [2, 4, 6]
-    lowest = min(evaluated.values())
-    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    others = [s for s in kept if s != 6]
-    assert 6 in kept and len(others) <= 1  # the latest, plus one best step
-    assert all(evaluated[s] == lowest for s in others)
-    if evaluated[6] > lowest:
-        assert len(others) == 1
-    assert json.loads((workdir / "eval.json").read_text())["validation/true/AP"] == evaluated[6]
