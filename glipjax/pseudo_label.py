@@ -78,7 +78,7 @@ def default_fields() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class Pair:
-    """One input line: its index, image path as given, caption and, once read, image."""
+    """One input line: its index, the image path as given and the caption."""
 
     index: int
     image: str
