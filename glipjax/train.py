@@ -173,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             evaluated = _evaluate(config, model, state["params"], glip_config, data_dir, pictures)
             writer.write(step, evaluated)
         preempted = checkpoint.preemption_requested(step)
-        if preempted or step % save_every == 0 or step == total_steps or evaluated:
+        if preempted or step % save_every == 0 or step == total_steps or (best and evaluated):
             ckpt.save(step, state, checkpoint.pack_loader_state(loader), metrics=evaluated if best else None,
                       force=True)
         if preempted:
