@@ -92,14 +92,26 @@ def golden_files() -> list[pathlib.Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> pathlib.Path:
+def tiny_run(tmp_path_factory, worker_id) -> pathlib.Path:
     """A training workdir of the demo's tiny GLIP trained for 2 steps (no evaluation):
     config.json and checkpoints/2. Trained in a child process (its memory, TensorFlow
-    included, is returned when it ends) with XLA's cheaper CPU compilation: about a
-    minute on two CPU cores, once per session."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    train_in_child("configs/demo.py:tiny", workdir, "--config.train.steps=2", "--config.eval.splits=()",
-                   timeout=1800)
+    included, is returned when it ends) with XLA's cheaper CPU compilation, once per
+    test session: under pytest-xdist the first worker that asks builds it in the
+    session's shared temp folder while the others wait on a file lock."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: each worker's basetemp is inside the session's
+        root = root.parent
+    workdir, done = root / "tiny_run", root / "tiny_run.done"
+    with FileLock(str(root / "tiny_run.lock")):
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a failed earlier attempt
+            train_in_child("configs/demo.py:tiny", workdir, "--config.train.steps=2",
+                           "--config.eval.splits=()", timeout=1800)
+            done.touch()
     return workdir
 
 

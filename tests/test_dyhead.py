@@ -287,6 +287,27 @@ def test_glip_t_a_tower_and_masked_alignment(tiny_head):
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+def test_alignment_with_the_language_model_text_keeps_the_fusion(tiny_head):
+    _, params, feats, text, mask, fused = tiny_head
+    cfg = dataclasses.replace(TINY, align_fused_text=False)
+    out = jax.jit(VLDyHead(cfg).apply)({"params": params}, feats, text, mask)
+    # Same params, same tower: the visual features are still the fused ones (up to the
+    # float32 rounding of another compiled graph)...
+    for ours, theirs in zip(out["features"], fused["features"]):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=TOL, rtol=0)
+    # ...but the regions are aligned with the masked input text, not the head's BERT output.
+    masked = np.asarray(text, np.float64) * np.asarray(mask)[..., None]
+    np.testing.assert_array_equal(np.asarray(out["text"]), masked.astype(np.float32))
+    e = masked / np.maximum(np.linalg.norm(masked, axis=-1, keepdims=True), 1e-12)
+    proj = params["dot_product_projection_text"]
+    tokens = (e / 2.0) @ np.asarray(proj["kernel"], np.float64) + np.asarray(proj["bias"], np.float64)
+    bias = e @ np.asarray(params["bias_lang"], np.float64) + float(params["bias0"][0])
+    v = np.asarray(out["features"][1], np.float64).reshape(2, -1, cfg.channels)
+    want = np.einsum("bnc,blc->bnl", v, tokens) / np.exp(float(params["log_scale"][0])) + bias[:, None, :]
+    np.testing.assert_allclose(np.asarray(out["dot_product_logits"][1]), want, atol=TOL, rtol=1e-5)
+    assert not np.allclose(np.asarray(out["dot_product_logits"][1]), np.asarray(fused["dot_product_logits"][1]))
+
+
 def test_golden_tiny_param_count():
     cfg = HeadConfig.golden_tiny()
     sizes = [(8, 10), (4, 5), (2, 3), (1, 2), (1, 1)]

@@ -38,6 +38,10 @@ class HeadConfig:
     # The head's BERT layers use the language model's config; its width is the text width.
     text: BertConfig = dataclasses.field(default_factory=BertConfig)
     use_fusion: bool = True
+    # Align regions with the head's fused text (the reference's
+    # FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT) or, when False, with the language
+    # model's masked output; the fusion still makes the visual features text-aware.
+    align_fused_text: bool = True
     fusion_embed_dim: int = 2048
     fusion_heads: int = 8
     fusion_dropout: float = 0.1
@@ -249,9 +253,9 @@ class VLDyHead(nn.Module):
     fusion_visual, fusion_text, bert_text (with fusion) and dyconv.
 
     Alignment: e = l2norm(text); t = dot_product_projection_text(e / 2);
-    logit = (v . t) / exp(log_scale) + (e . bias_lang + bias0). With fusion the
-    text is the last head BERT layer's output; without it (GLIP-T(A)) it is
-    text_hidden * text_mask, the reference's masked "embedded" features.
+    logit = (v . t) / exp(log_scale) + (e . bias_lang + bias0). With fusion and
+    align_fused_text the text is the last head BERT layer's output; otherwise (and in
+    GLIP-T(A)) it is text_hidden * text_mask, the reference's masked "embedded" features.
     """
 
     config: HeadConfig
@@ -309,7 +313,7 @@ class VLDyHead(nn.Module):
             record["dyconv"] = visual
             intermediates.append(record)
 
-        if not cfg.use_fusion:
+        if not (cfg.use_fusion and cfg.align_fused_text):
             text = text_hidden * text_mask[..., None].astype(text_hidden.dtype)
         outputs = self._predict(visual, text.astype(jnp.float32))
         outputs["features"] = visual
