@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_encoder = ""  # "" for a randomly initialised BERT-base; a local HF bert-base-uncased folder to start from it
     c.model.fusion_embed_dim = 0  # 0 keeps the preset's (2048)
     c.model.fusion_heads = 0  # 0 keeps the preset's (8)
+    c.model.align_fused_text = True  # align regions with the head's fused text, as the reference
     c.model.anchor_sizes = ()  # () keeps the preset's (64, 128, 256, 512, 1024)
     c.model.dtype = "bfloat16"  # compute dtype; params stay float32
     c.model.remat = True

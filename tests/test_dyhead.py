@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glipjax.models.bert import BertConfig
 from glipjax.models.dcn import modulated_deform_conv
-from glipjax.models.dyhead import DyConv, DyReLU, HeadConfig, VLDyHead, hard_sigmoid
+from glipjax.models.dyhead import DyConv, DyReLU, HeadConfig, VLDyHead, hard_sigmoid, l2_normalize
 
 TOL = 1e-5
 TINY = HeadConfig(
@@ -285,6 +285,16 @@ def test_glip_t_a_tower_and_masked_alignment(tiny_head):
     for token in (4, 5, 6):
         got = np.asarray(out["dot_product_logits"][0][1, :, token])
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_l2_normalize_keeps_zero_rows_with_a_finite_gradient():
+    x = jnp.asarray([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0]], jnp.float32)
+    np.testing.assert_allclose(np.asarray(l2_normalize(x)), [[0.6, 0.8], [0, 0], [0.1, 0]], rtol=1e-6)
+    # Padded (zero) text rows are normalised when regions align with the input text;
+    # a prompt-tuning offset added there needs a finite gradient.
+    grad = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.asarray([1.0, 2.0])))(x)
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(np.asarray(grad[0]), [(1 * 16 - 2 * 12) / 125, (2 * 9 - 1 * 12) / 125], rtol=1e-5)
 
 
 def test_alignment_with_the_language_model_text_keeps_the_fusion(tiny_head):

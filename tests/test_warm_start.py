@@ -38,7 +38,7 @@ def test_merge_rejects_wrong_shapes_and_unknown_params():
 def _finetune_config(source, workdir_overrides=()):
     config = load_config("configs/finetune.py:prompt")
     config.unlock()
-    for key in ("preset", "text_encoder", "fusion_embed_dim", "fusion_heads", "anchor_sizes"):
+    for key in ("preset", "text_encoder", "fusion_embed_dim", "fusion_heads", "align_fused_text", "anchor_sizes"):
         config.model[key] = source.model[key]
     for key in ("canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes"):
         config.data[key] = source.data[key]

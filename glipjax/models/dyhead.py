@@ -232,9 +232,9 @@ class Scale(nn.Module):
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """x / max(||x||, eps) over the last axis (zero rows stay zero)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """x / max(||x||, eps) over the last axis (zero rows stay zero, with a finite
+    gradient: the maximum is taken before the square root)."""
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 class VLDyHead(nn.Module):
