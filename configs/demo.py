@@ -83,7 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the visual features text-aware. The head's language layers start from random
     # weights and blur the pretrained token features: on one fixed batch of 8 images,
     # 100 Adam steps tell apart the objects of an image 99% of the time this way and
-    # 50% with the fused text.
+    # 50% with the fused text. Full run: validation AP50 0.094 (swapped colours 0.040)
+    # against 0.086 (0.051) with the fused text.
     c.model.align_fused_text = False
     c.model.anchor_sizes = (16, 32, 64, 128, 256)  # objects of 8-60 px on a 128 px canvas
     c.model.dtype = "float32"
