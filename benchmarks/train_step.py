@@ -8,10 +8,11 @@ and, on a GPU whose peak is known, model FLOPs utilisation (MFU).
   python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=8 \\
       --config.model.dtype=bfloat16                                   # GPU MFU (goal >= 45%)
 
-The matmul peak is the best of a few square matmuls in the step's compute dtype (float32
-on CPU). MFU divides the achieved FLOP/s by the device's dense bf16 peak from its
-datasheet (PEAK_TFLOPS); XLA's count includes every op, so it is an upper estimate
-of the useful FLOPs.
+The FLOPs are XLA's count on the program as lowered, before compiling (the same on every
+backend); it includes every op and, with model.remat, the recomputed forward, so it is
+an upper estimate of the useful FLOPs. The matmul peak is the best of a few square
+matmuls in the step's compute dtype (float32 on CPU). MFU divides the achieved FLOP/s by
+the device's dense bf16 peak from its datasheet (PEAK_TFLOPS).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from glipjax.config import parse_command_line
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
 
 
-def flops_of(compiled) -> float:
-    analysis = compiled.cost_analysis()
+def flops_of(stage) -> float:
+    """FLOPs of a jax.stages.Lowered or Compiled by XLA's cost analysis."""
+    analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
     return float(analysis.get("flops", float("nan")))
@@ -67,6 +69,27 @@ def matmul_peak(dtype: jnp.dtype, size: int, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def lower_step(config, state, batch, mesh, rules):
+    """The trainer's jitted update step for `config`, lowered for (state, batch)."""
+    model, glip_config, _ = train_state.build_model(config)
+    tx, schedule = train_state.make_tx(config)
+    step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
+                                      state, mesh, rules)
+    with sharding.sharding_context(mesh, rules):
+        return step.lower(state, batch)
+
+
+def step_flops(config, state, batch, mesh, rules, lowered) -> float:
+    """XLA's FLOP count of the step as lowered, before compiling: after it, a GPU's matmuls
+    and convolutions are library calls that the count misses. A scan's body counts once,
+    so with model.scan_layers the count comes from the same step unrolled."""
+    if not config.model.get("scan_layers"):
+        return flops_of(lowered)
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan_layers = False
+    return flops_of(lower_step(unrolled, state, batch, mesh, rules))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
@@ -76,21 +99,20 @@ def main() -> None:
     device = jax.devices()[0]
     mesh = sharding.make_mesh(dict(config.sharding.mesh))
     rules = sharding.rules_from_config(config)
-    model, glip_config, text_params = train_state.build_model(config)
-    tx, schedule = train_state.make_tx(config)
+    model, _, text_params = train_state.build_model(config)
+    tx, _ = train_state.make_tx(config)
     state = train_state.init_state(config, model, tx, mesh, rules, text_params)
-    step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
-                                      state, mesh, rules)
     batch = sharding.shard_batch(random_batch(config, np.random.default_rng(0)), mesh, rules)
     print(f"{config.model.preset} ({config.model.dtype}), batch {config.data.batch_size} of "
           f"{tuple(config.data.canvas)}, text {config.data.max_text_len}, mesh {dict(mesh.shape)} on "
           f"{mesh.size} x {device.device_kind}", flush=True)
 
     start = time.perf_counter()
-    with sharding.sharding_context(mesh, rules):
-        compiled = step.lower(state, batch).compile()
+    lowered = lower_step(config, state, batch, mesh, rules)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    step_flops = flops_of(compiled)
+    flops = step_flops(config, state, batch, mesh, rules, lowered)
+    print(f"compile {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP per step", flush=True)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -99,13 +121,12 @@ def main() -> None:
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / args.steps
 
-    achieved = step_flops / step_s / mesh.size
+    achieved = flops / step_s / mesh.size
     dtype = jnp.dtype(config.model.dtype)
     size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
     peak = matmul_peak(dtype, size)
-    print(f"compile {compile_s:.1f} s, step {step_s:.3f} s, {config.data.batch_size / step_s:.2f} images/s, "
-          f"loss {float(metrics['loss']):.4f}")
-    print(f"{step_flops / 1e9:.1f} GFLOP per step; achieved {achieved / 1e9:.1f} GFLOP/s per device = "
+    print(f"step {step_s:.3f} s, {config.data.batch_size / step_s:.2f} images/s, loss {float(metrics['loss']):.4f}")
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s per device = "
           f"{100 * achieved / peak:.0f}% of the measured {dtype.name} matmul peak ({peak / 1e9:.1f} GFLOP/s, "
           f"{size}^3)")
     spec = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device.device_kind.lower()), None)

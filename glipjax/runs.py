@@ -82,7 +82,7 @@ def read_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
 def model_summary(config: ml_collections.ConfigDict) -> str:
     """The config fields that size the model, for error messages."""
     fields = ", ".join(f"{k}={config.model[k]!r}" for k in sorted(config.model)
-                       if k not in ("dtype", "remat"))
+                       if k not in ("dtype", "remat", "scan_layers"))
     return f"model.{{{fields}}}, data.max_text_len={config.data.max_text_len}"
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Model fields that may differ from the source run: they change no pretrained param
 # (log_scale_init only sets the value that the source's log_scale replaces).
-_FREE_FIELDS = ("dtype", "remat", "prompt_tuning", "log_scale_init")
+_FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_init")
 
 
 def _differing_fields(config: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> list[str]:

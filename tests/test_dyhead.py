@@ -276,6 +276,10 @@ def test_glip_t_a_tower_and_masked_alignment(tiny_head):
     p = {k: v for k, v in params.items() if not k.startswith("dyhead_tower")}
     p.update(dyhead_tower_0=params["dyhead_tower_2"], dyhead_tower_1=params["dyhead_tower_5"])
     out = jax.jit(module.apply)({"params": p}, feats, text, mask)
+    # The DyConv-only tower as one scan gives the same outputs.
+    scanned = jax.jit(VLDyHead(dataclasses.replace(cfg, scan_layers=True)).apply)({"params": p}, feats, text, mask)
+    for key in ("dot_product_logits", "bbox_reg", "centerness"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), out[key], scanned[key])
     np.testing.assert_array_equal(np.asarray(out["text"][1, :4]), np.asarray(text[1, :4]))
     np.testing.assert_array_equal(np.asarray(out["text"][1, 4:]), 0.0)
     # Padded tokens are zeroed before normalisation: their logit is (v . proj_bias) / s + bias0.

@@ -100,6 +100,41 @@ def test_remat_checkpoints_every_part(tiny):
     assert regions(grad_jaxpr(dataclasses.replace(config, remat=True))) == 15
 
 
+def test_scan_layers_matches_unrolled():
+    """scan_layers runs the same params (created unrolled) to the same outputs,
+    intermediates and gradients, with and without remat, from a program that holds
+    one BERT layer and one head layer."""
+    config = tiny_config()
+    text = dataclasses.replace(config.text, num_hidden_layers=3)
+    config = dataclasses.replace(config, head=dataclasses.replace(config.head, text=text, num_layers=3))
+    images, ids, mask, boxes, gt_mask, pmap = batch()
+    params = meta.unbox(jax.jit(GLIP(config).init)(jax.random.PRNGKey(0), images, ids, mask)["params"])
+    assert "dyhead_tower_8" in params["head"] and "layer_2" in params["language_backbone"]["encoder"]
+
+    def forward(cfg):
+        model = GLIP(cfg)
+        return jax.jit(lambda p: model.apply({"params": p}, images, ids, mask, return_intermediates=True))(params)
+
+    def grad(cfg):
+        model = GLIP(cfg)
+        return jax.grad(lambda p: losses(cfg, model.apply({"params": p}, images, ids, mask), boxes, gt_mask, pmap,
+                                         mask, (SIZE, SIZE))["total"])
+
+    out, s_out = forward(config), forward(dataclasses.replace(config, scan_layers=True))
+    assert len(s_out["intermediates"]) == 3
+    for tree in ("dot_product_logits", "bbox_reg", "centerness", "lang_hidden", "intermediates"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), out[tree], s_out[tree])
+    scanned = dataclasses.replace(config, scan_layers=True, remat=True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.jit(grad(config))(params), jax.jit(grad(scanned))(params))
+    # The gradient program holds as many matmuls as an unrolled model of one layer each.
+    dots = lambda cfg, p: len(re.findall(r"\bdot_general\[", str(jax.make_jaxpr(grad(cfg))(p))))
+    one = dataclasses.replace(config, head=dataclasses.replace(config.head, num_layers=1,
+                                                               text=dataclasses.replace(text, num_hidden_layers=1)))
+    one_params = meta.unbox(jax.eval_shape(GLIP(one).init, jax.random.PRNGKey(0), images, ids, mask)["params"])
+    assert dots(scanned, params) == dots(dataclasses.replace(one, remat=True), one_params) < dots(config, params)
+
+
 def test_detect_shapes(tiny):
     config, model, params = tiny
     images, ids, mask, *_ = batch()
@@ -152,9 +187,12 @@ def test_config_from_fields_and_bundled_text_encoder():
 
     text, text_params = convert.load_hf_bert(pretrained.minilm_dir())
     fields = ml_collections.ConfigDict(dict(preset="glip_tiny", fusion_embed_dim=256, fusion_heads=0,
-                                            anchor_sizes=(16, 32, 64, 128, 256), remat=True))
+                                            anchor_sizes=(16, 32, 64, 128, 256), remat=True, scan_layers=True,
+                                            use_fusion=False))
     config = config_from_fields(fields, text, max_text_len=64)
     assert config.text.hidden_size == 384 and config.head.text_width == 384
+    assert config.scan_layers and not config.head.use_fusion
+    assert config_from_fields(ml_collections.ConfigDict(dict(preset="glip_tiny"))).head.use_fusion  # absent: preset
     assert config.head.fusion_embed_dim == 256 and config.head.fusion_heads == 8  # 0 keeps the preset
     assert config.anchor_sizes == (16, 32, 64, 128, 256) and config.max_text_len == 64 and config.remat
     expected = convert.glip_abstract_params(config)["language_backbone"]

@@ -13,9 +13,10 @@ import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from glipjax.models.layers import Dtype, dense, layer_norm
+from glipjax.models.layers import Dtype, dense, layer_norm, scan_layers
 
 # GLIP's head clamps attention scores and feed-forward values to this magnitude.
 CLAMP_VALUE = 50000.0
@@ -225,16 +226,29 @@ class BertEmbeddings(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """The stack of BertLayer modules named layer_{i}, optionally rematerialised."""
+    """The stack of BertLayer modules named layer_{i}, optionally rematerialised and
+    optionally applied as one scan (same params; see layers.scan_layers)."""
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, hidden: jnp.ndarray, attention_mask: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+        num_layers = self.config.num_hidden_layers
+        if self.scan and not self.is_initializing():
+            layer = BertLayer(self.config, dtype=self.dtype, parent=None)
+            keys = None if deterministic else jax.random.split(self.make_rng("dropout"), num_layers)
+
+            def body(params: tuple[Any, ...], h: jnp.ndarray, key: jax.Array | None) -> tuple[jnp.ndarray, None]:
+                rngs = None if key is None else {"dropout": key}
+                return layer.apply({"params": params[0]}, h, attention_mask, deterministic, rngs=rngs), None
+
+            names = [(f"layer_{i}",) for i in range(num_layers)]
+            return scan_layers(self, names, body, hidden.astype(self.dtype), keys, self.remat)[0]
         layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
-        for i in range(self.config.num_hidden_layers):
+        for i in range(num_layers):
             hidden = layer_cls(self.config, dtype=self.dtype, name=f"layer_{i}")(
                 hidden, attention_mask, deterministic
             )
@@ -247,6 +261,7 @@ class BertModel(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(
@@ -271,4 +286,4 @@ class BertModel(nn.Module):
         elif token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids must be {input_ids.shape}, got {token_type_ids.shape}.")
         x = BertEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, token_type_ids, deterministic)
-        return BertEncoder(cfg, self.dtype, self.remat, name="encoder")(x, attention_mask, deterministic)
+        return BertEncoder(cfg, self.dtype, self.remat, self.scan, name="encoder")(x, attention_mask, deterministic)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,7 @@ from glipjax.models import layers
 from glipjax.models.bert import CLAMP_VALUE, BertConfig, BertLayer
 from glipjax.models.dcn import ModulatedDeformConv3x3, conv_output_size
 from glipjax.models.fusion import VLFuse
-from glipjax.models.layers import Dtype
+from glipjax.models.layers import Dtype, scan_layers
 
 Array = jax.Array
 VISUAL_AXES = ("batch", "height", "width", "embed")
@@ -53,6 +53,9 @@ class HeadConfig:
     prior_prob: float = 0.01
     log_scale_init: float = 0.0
     remat: bool = False
+    # Apply the layers as one scan over their stacked params (same params and results;
+    # the compiled program holds one layer instead of num_layers).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.channels % self.group_norm_groups:
@@ -285,33 +288,10 @@ class VLDyHead(nn.Module):
     ) -> dict[str, Any]:
         cfg = self.config
         self._check_inputs(features, text_hidden, text_mask)
-        fuse_cls, bert_cls, dyconv_cls = VLFuse, BertLayer, DyConv
-        if cfg.remat:
-            fuse_cls = nn.remat(VLFuse, static_argnums=(4,))
-            bert_cls = nn.remat(BertLayer, static_argnums=(3,))
-            dyconv_cls = nn.remat(DyConv)
-
         visual = [nn.with_logical_constraint(f.astype(self.dtype), VISUAL_AXES) for f in features]
         text = nn.with_logical_constraint(text_hidden.astype(self.dtype), TEXT_AXES)
-        intermediates = []
-        for i in range(cfg.num_layers):
-            record: dict[str, Any] = {}
-            if cfg.use_fusion:
-                visual, text = fuse_cls(
-                    cfg.fusion_embed_dim, cfg.fusion_heads, cfg.fusion_dropout, 1.0 / cfg.num_layers,
-                    self.dtype, name=f"dyhead_tower_{3 * i}",
-                )(visual, text, text_mask, deterministic)
-                record.update(fusion_visual=visual, fusion_text=text)
-                text = bert_cls(cfg.text, clamp=True, dtype=self.dtype, name=f"dyhead_tower_{3 * i + 1}")(
-                    text, text_mask, deterministic
-                )
-                record["bert_text"] = text
-                tower_index = 3 * i + 2
-            else:
-                tower_index = i
-            visual = dyconv_cls(cfg, self.dtype, name=f"dyhead_tower_{tower_index}")(visual)
-            record["dyconv"] = visual
-            intermediates.append(record)
+        tower = self._scanned_tower if cfg.scan_layers and not self.is_initializing() else self._tower
+        visual, text, intermediates = tower(visual, text, text_mask, deterministic, return_intermediates)
 
         if not (cfg.use_fusion and cfg.align_fused_text):
             text = text_hidden * text_mask[..., None].astype(text_hidden.dtype)
@@ -321,6 +301,70 @@ class VLDyHead(nn.Module):
         if return_intermediates:
             outputs["intermediates"] = intermediates
         return outputs
+
+    def _layer_modules(self, i: int, bound: bool = True) -> tuple[Any, Any, Any]:
+        """Layer i's fusion, BERT layer (both None without fusion) and DyConv, named as in
+        the released checkpoints: children of the head, or unbound for `apply`."""
+        cfg = self.config
+        remat = bound and cfg.remat
+        unbound = {} if bound else {"parent": None}
+        dyconv_cls = nn.remat(DyConv) if remat else DyConv
+        if not cfg.use_fusion:
+            return None, None, dyconv_cls(cfg, self.dtype, name=f"dyhead_tower_{i}", **unbound)
+        fuse_cls = nn.remat(VLFuse, static_argnums=(4,)) if remat else VLFuse
+        bert_cls = nn.remat(BertLayer, static_argnums=(3,)) if remat else BertLayer
+        fuse = fuse_cls(cfg.fusion_embed_dim, cfg.fusion_heads, cfg.fusion_dropout, 1.0 / cfg.num_layers,
+                        self.dtype, name=f"dyhead_tower_{3 * i}", **unbound)
+        bert = bert_cls(cfg.text, clamp=True, dtype=self.dtype, name=f"dyhead_tower_{3 * i + 1}", **unbound)
+        return fuse, bert, dyconv_cls(cfg, self.dtype, name=f"dyhead_tower_{3 * i + 2}", **unbound)
+
+    @staticmethod
+    def _layer(fuse: Callable | None, bert: Callable | None, dyconv: Callable, visual: list[Array], text: Array,
+               text_mask: Array, deterministic: bool) -> tuple[list[Array], Array, dict[str, Any]]:
+        """One tower layer: fusion and BERT (when given), then DyConv; and its record."""
+        record: dict[str, Any] = {}
+        if fuse is not None:
+            visual, text = fuse(visual, text, text_mask, deterministic)
+            record.update(fusion_visual=visual, fusion_text=text)
+            text = bert(text, text_mask, deterministic)
+            record["bert_text"] = text
+        visual = dyconv(visual)
+        record["dyconv"] = visual
+        return visual, text, record
+
+    def _tower(self, visual: list[Array], text: Array, text_mask: Array, deterministic: bool,
+               return_intermediates: bool) -> tuple[list[Array], Array, list[dict[str, Any]]]:
+        """The layers unrolled (this creates the params)."""
+        intermediates = []
+        for i in range(self.config.num_layers):
+            visual, text, record = self._layer(*self._layer_modules(i), visual, text, text_mask, deterministic)
+            intermediates.append(record)
+        return visual, text, intermediates if return_intermediates else []
+
+    def _scanned_tower(self, visual: list[Array], text: Array, text_mask: Array, deterministic: bool,
+                       return_intermediates: bool) -> tuple[list[Array], Array, list[dict[str, Any]]]:
+        """The layers as one scan over their stacked params (layers.scan_layers)."""
+        cfg = self.config
+        modules = [self._layer_modules(i, bound=False) for i in range(cfg.num_layers)]
+        names = [tuple(m.name for m in layer if m is not None) for layer in modules]
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), cfg.num_layers)
+
+        def body(params: tuple[Any, ...], carry: tuple[list[Array], Array], key: jax.Array | None):
+            def call(module: Any, module_params: Any, salt: int) -> Callable:
+                rngs = None if key is None else {"dropout": jax.random.fold_in(key, salt)}
+                return lambda *args: module.apply({"params": module_params}, *args, rngs=rngs)
+
+            fuse, bert, dyconv = modules[0]  # every layer has the same structure
+            if fuse is not None:
+                fuse, bert = call(fuse, params[0], 0), call(bert, params[1], 1)
+            visual, text, record = self._layer(fuse, bert, call(dyconv, params[-1], 2), *carry, text_mask,
+                                               deterministic)
+            return (visual, text), record if return_intermediates else None
+
+        (visual, text), records = scan_layers(self, names, body, (visual, text), keys, cfg.remat)
+        if not return_intermediates:
+            return visual, text, []
+        return visual, text, [jax.tree.map(lambda a, i=i: a[i], records) for i in range(cfg.num_layers)]
 
     def _predict(self, visual: Sequence[Array], text: Array) -> dict[str, Any]:
         cfg = self.config

@@ -53,6 +53,9 @@ class GLIPConfig:
     max_text_len: int = 256
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
     remat: bool = False  # rematerialise each Swin block, BERT layer and head layer
+    # Run each BERT's layers and the head's layers as one scan over stacked params: the
+    # same params and results, a several times smaller program to compile.
+    scan_layers: bool = False
     # Prompt tuning (reference section 4): a zero-initialised (max_text_len, hidden)
     # offset "prompt_offset" added to the text encoder's output embeddings.
     prompt_tuning: bool = False
@@ -136,7 +139,8 @@ class GLIP(nn.Module):
         if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
             raise ValueError(f"image size {h}x{w} must be padded to a multiple of {SIZE_DIVISIBILITY}")
         stages, pyramid = Backbone(self.config, self.dtype, name="backbone")(images, deterministic)
-        lang_hidden = BertModel(self.config.text, self.dtype, self.config.remat, name="language_backbone")(
+        lang_hidden = BertModel(self.config.text, self.dtype, self.config.remat, self.config.scan_layers,
+                                name="language_backbone")(
             input_ids, attention_mask, deterministic=deterministic
         )
         if self.config.prompt_tuning:
@@ -146,7 +150,8 @@ class GLIP(nn.Module):
             offset = self.param("prompt_offset", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
                                 (self.config.max_text_len, self.config.text.hidden_size))
             lang_hidden = lang_hidden + offset[:length].astype(lang_hidden.dtype)
-        head = dataclasses.replace(self.config.head, remat=self.config.remat or self.config.head.remat)
+        head = dataclasses.replace(self.config.head, remat=self.config.remat or self.config.head.remat,
+                                   scan_layers=self.config.scan_layers or self.config.head.scan_layers)
         out = VLDyHead(head, self.dtype, name="head")(
             pyramid, lang_hidden, attention_mask, deterministic, return_intermediates
         )
@@ -200,8 +205,8 @@ def losses(
 def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
-    fusion_embed_dim, fusion_heads, log_scale_init, align_fused_text, anchor_sizes, remat,
-    prompt_tuning. `text` replaces the language model's config."""
+    fusion_embed_dim, fusion_heads, log_scale_init, use_fusion, align_fused_text, anchor_sizes,
+    remat, scan_layers, prompt_tuning. `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[model.preset]()
@@ -216,7 +221,10 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, log_scale_init=float(model.log_scale_init))
     if model.get("align_fused_text") is not None:
         head = dataclasses.replace(head, align_fused_text=bool(model.align_fused_text))
+    if model.get("use_fusion") is not None:
+        head = dataclasses.replace(head, use_fusion=bool(model.use_fusion))
     changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False)),
+                               "scan_layers": bool(model.get("scan_layers", False)),
                                "prompt_tuning": bool(model.get("prompt_tuning", False))}
     if model.get("anchor_sizes"):
         changes["anchor_sizes"] = tuple(model.anchor_sizes)

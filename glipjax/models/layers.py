@@ -95,3 +95,28 @@ def layer_norm(eps: float, *, name: str | None = None, dtype: Dtype = jnp.float3
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
         name=name,
     )
+
+
+def scan_layers(
+    parent: nn.Module,
+    layer_children: Sequence[Sequence[str]],
+    body: Callable[[tuple[Any, ...], Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+    remat: bool = False,
+) -> tuple[Any, Any]:
+    """Applies a stack of identically shaped layers as one `lax.scan`.
+
+    layer_children[i] names the children of `parent` that make up layer i; their
+    params keep those names (so checkpoints are the same as unrolled) and are stacked
+    along a new leading axis for the scan. body(params, carry, x) applies one layer,
+    given the params of its children in that order, and returns (carry, y); `xs` is
+    scanned along with the layers (e.g. one dropout key each), and the ys are stacked.
+    The compiled program holds one layer instead of all of them. Call it only once
+    the params exist (not while initialising: run the layers unrolled to create them).
+    """
+    params = parent.variables["params"]
+    per_layer = [tuple(params[name] for name in names) for names in layer_children]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+    step = jax.checkpoint(body) if remat else body
+    return jax.lax.scan(lambda c, px: step(px[0], c, px[1]), carry, (stacked, xs))
