@@ -85,7 +85,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 100 Adam steps tell apart the objects of an image 99% of the time this way and
     # 50% with the fused text. Full run: validation AP50 0.094 (swapped colours 0.040)
     # against 0.086 (0.051) with the fused text.
-    c.model.use_fusion = True  # False: no deep fusion, regions align with MiniLM's output (GLIP-T(A))
     c.model.align_fused_text = False
     c.model.anchor_sizes = (16, 32, 64, 128, 256)  # objects of 8-60 px on a 128 px canvas
     c.model.dtype = "float32"

@@ -191,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--checkpoint {checkpoint}: no such directory")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _initialize_hosts(args)
+    paths.enable_compilation_cache()
     try:
         run = load_run(checkpoint, ema=args.ema, step=args.step)
     except RunError as e:

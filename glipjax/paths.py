@@ -1,4 +1,5 @@
-"""Workdir and data paths that may live on a local disk or in cloud storage.
+"""Workdir and data paths that may live on a local disk or in cloud storage, and the
+folder of the persistent compilation cache.
 
 A workdir such as gs://bucket/run is kept as a URI (pathlib would collapse the "//");
 a local one is made absolute, as Orbax requires. File operations on these paths go
@@ -31,3 +32,20 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> e
     if is_uri(given) or os.path.isabs(given):
         return as_path(given)
     return as_path(workdir) / given
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache, so that a command run again (a resumed
+    or repeated run, another evaluation of the same model) loads its compiled programs
+    instead of compiling them. The folder is $JAX_COMPILATION_CACHE_DIR when set (set it
+    empty to turn the cache off), else $XDG_CACHE_HOME/glipjax/jax (~/.cache/glipjax/jax).
+    Returns the folder, or None when off."""
+    import jax
+
+    given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if given == "":
+        return None
+    folder = given or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "glipjax", "jax")
+    folder = folder if is_uri(folder) else os.path.abspath(os.path.expanduser(folder))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from glipjax import draw, preprocess, runs, sharding
+from glipjax import draw, paths, preprocess, runs, sharding
 from glipjax.data.tokenizer import load_tokenizer
 from glipjax.inference import ImageDetections, Forward, apply_fn, build_prompt_chunks, detect_chunked, make_forward
 
@@ -217,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the latest)")
     args = parser.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on metadata it does not need
+    paths.enable_compilation_cache()
     try:
         names = parse_prompt(args.prompt) if args.prompt is not None else read_classes(args.classes)
         predict(args.checkpoint, args.image, names, args.out, min_score=args.min_score,

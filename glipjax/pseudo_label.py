@@ -337,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         parser.error("; ".join(problems))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _initialize_hosts(args)
+    paths.enable_compilation_cache()
     try:
         summary = pseudo_label(config, args.teacher, args.captions, args.images, args.out, args.max_images)
     except (RunError, RuntimeError) as e:

@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, config = parse_command_line(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _initialize_hosts(args)
+    paths.enable_compilation_cache()
     train(config, args.workdir)
 
 

@@ -91,6 +91,26 @@ def golden_files() -> list[pathlib.Path]:
     return files
 
 
+def session_root(tmp_path_factory, worker_id: str) -> pathlib.Path:
+    """The temp folder of the whole test session (shared by pytest-xdist's workers)."""
+    root = tmp_path_factory.getbasetemp()
+    return root if worker_id == "master" else root.parent  # xdist: each worker's is inside it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory, worker_id) -> pathlib.Path:
+    """One persistent XLA compilation cache for the session's processes, children
+    included, in its temp folder (never the user's): a program compiled once, such as
+    the tiny demo's training step, is loaded from it afterwards."""
+    import jax
+
+    folder = session_root(tmp_path_factory, worker_id) / "xla_cache"
+    folder.mkdir(exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, worker_id) -> pathlib.Path:
     """A training workdir of the demo's tiny GLIP trained for 2 steps (no evaluation):
@@ -102,9 +122,7 @@ def tiny_run(tmp_path_factory, worker_id) -> pathlib.Path:
 
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # xdist: each worker's basetemp is inside the session's
-        root = root.parent
+    root = session_root(tmp_path_factory, worker_id)
     workdir, done = root / "tiny_run", root / "tiny_run.done"
     with FileLock(str(root / "tiny_run.lock")):
         if not done.exists():

@@ -1,4 +1,5 @@
-"""Workdir and data paths: cloud URIs survive joins, local paths become absolute."""
+"""Workdir and data paths: cloud URIs survive joins, local paths become absolute; the
+compilation cache folder."""
 
 from __future__ import annotations
 
@@ -34,3 +35,20 @@ def test_data_dir_under_workdir_when_relative(tmp_path):
     assert os.fspath(paths.data_dir(_config("gs://data/tfds"), tmp_path)) == "gs://data/tfds"
     assert os.fspath(paths.data_dir(_config(str(tmp_path / "shared")), "gs://b/run")) == os.fspath(
         tmp_path / "shared")
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert paths.enable_compilation_cache() == str(tmp_path / "xdg" / "glipjax" / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "glipjax" / "jax")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+        assert paths.enable_compilation_cache() == str(tmp_path / "mine")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+        assert paths.enable_compilation_cache() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -205,8 +205,8 @@ def losses(
 def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
-    fusion_embed_dim, fusion_heads, log_scale_init, use_fusion, align_fused_text, anchor_sizes,
-    remat, scan_layers, prompt_tuning. `text` replaces the language model's config."""
+    fusion_embed_dim, fusion_heads, log_scale_init, align_fused_text, anchor_sizes, remat,
+    scan_layers, prompt_tuning. `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[model.preset]()
@@ -221,8 +221,6 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, log_scale_init=float(model.log_scale_init))
     if model.get("align_fused_text") is not None:
         head = dataclasses.replace(head, align_fused_text=bool(model.align_fused_text))
-    if model.get("use_fusion") is not None:
-        head = dataclasses.replace(head, use_fusion=bool(model.use_fusion))
     changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False)),
                                "scan_layers": bool(model.get("scan_layers", False)),
                                "prompt_tuning": bool(model.get("prompt_tuning", False))}
