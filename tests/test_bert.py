@@ -59,6 +59,19 @@ def test_minilm_padded_batch_matches_transformers(minilm):
     assert np.abs(ours - ref)[~valid].max() < TOL  # padded positions too
 
 
+def test_minilm_as_one_scan_matches_transformers(minilm):
+    config, params, _, hf, tokenizer = minilm
+    batch = tokenizer(SENTENCES, padding="max_length", max_length=32, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    scanned = BertModel(config, scan=True)
+    ours = np.asarray(jax.jit(lambda p: scanned.apply({"params": p}, ids, mask))(params))
+    assert np.abs(ours - _hf_hidden(hf, ids, mask)).max() < TOL
+    # Dropout still draws a different mask in each layer and run.
+    drop = lambda seed: scanned.apply({"params": params}, ids, mask, deterministic=False,
+                                      rngs={"dropout": jax.random.PRNGKey(seed)})
+    assert np.abs(drop(1) - ours).max() > 1e-3 and np.abs(drop(1) - drop(2)).max() > 1e-3
+
+
 def test_minilm_unpadded_matches_transformers(minilm):
     _, params, apply, hf, tokenizer = minilm
     batch = tokenizer(SENTENCES[1:2], return_tensors="np")

@@ -259,6 +259,7 @@ class VLDyHead(nn.Module):
     logit = (v . t) / exp(log_scale) + (e . bias_lang + bias0). With fusion and
     align_fused_text the text is the last head BERT layer's output; otherwise (and in
     GLIP-T(A)) it is text_hidden * text_mask, the reference's masked "embedded" features.
+    With config.scan_layers the layers run as one scan over their stacked params.
     """
 
     config: HeadConfig
