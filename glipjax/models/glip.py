@@ -205,14 +205,16 @@ def losses(
 def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
-    fusion_embed_dim, fusion_heads, log_scale_init, align_fused_text, anchor_sizes, remat,
-    scan_layers, prompt_tuning. `text` replaces the language model's config."""
+    head_layers, fusion_embed_dim, fusion_heads, log_scale_init, align_fused_text,
+    anchor_sizes, remat, scan_layers, prompt_tuning. `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[model.preset]()
     head = config.head
     if text is not None:
         head = dataclasses.replace(head, text=text)
+    if model.get("head_layers"):
+        head = dataclasses.replace(head, num_layers=int(model.head_layers))
     if model.get("fusion_embed_dim"):
         head = dataclasses.replace(head, fusion_embed_dim=model.fusion_embed_dim)
     if model.get("fusion_heads"):
