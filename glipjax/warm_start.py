@@ -27,10 +27,14 @@ log = logging.getLogger(__name__)
 _FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_init")
 
 
+# Fields newer than some saved runs, with the value their absence means.
+_ABSENT_MEANS = {"head_layers": 0}
+
+
 def _differing_fields(config: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> list[str]:
     keys = sorted((set(config.model) | set(source.model)) - set(_FREE_FIELDS))
     differ = [f"model.{k}: {source.model.get(k)!r} in the source, {config.model.get(k)!r} here"
-              for k in keys if config.model.get(k) != source.model.get(k)]
+              for k in keys if config.model.get(k, _ABSENT_MEANS.get(k)) != source.model.get(k, _ABSENT_MEANS.get(k))]
     if config.data.max_text_len != source.data.max_text_len and (
             config.model.get("prompt_tuning") or source.model.get("prompt_tuning")):
         differ.append(f"data.max_text_len: {source.data.max_text_len} in the source, "

@@ -3,7 +3,6 @@ reference configs it checks (configs/glip_t.py, configs/glip_l.py)."""
 
 import ast
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -160,5 +159,5 @@ def test_aot_over_budget_exits_with_a_message(fsdp4_run):
     assert report["fits"] is False and report["hbm"] == 2**20
     for line in ("params (from shardings)", "temporaries", "total =", "XLA:CPU estimate"):
         assert line in result.stdout
-    assert math.isclose(report["per_device"]["total"] / 2**20,
-                        float(result.stderr.split("per-device memory ")[1].split(" MiB")[0]), rel_tol=1e-3)
+    printed = float(result.stderr.split("per-device memory ")[1].split(" MiB")[0])  # one decimal
+    assert abs(report["per_device"]["total"] / 2**20 - printed) <= 0.05

@@ -38,7 +38,8 @@ def test_merge_rejects_wrong_shapes_and_unknown_params():
 def _finetune_config(source, workdir_overrides=()):
     config = load_config("configs/finetune.py:prompt")
     config.unlock()
-    for key in ("preset", "text_encoder", "fusion_embed_dim", "fusion_heads", "align_fused_text", "anchor_sizes"):
+    for key in ("preset", "text_encoder", "head_layers", "fusion_embed_dim", "fusion_heads", "align_fused_text",
+                "anchor_sizes"):
         config.model[key] = source.model[key]
     for key in ("canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes"):
         config.data[key] = source.data[key]
@@ -54,6 +55,18 @@ def test_init_from_another_model_names_the_fields(tiny_run):
     config.model.fusion_heads = 4
     with pytest.raises(ValueError, match="model.fusion_heads: 8 in the source, 4 here"):
         warm_start.source_params(config)
+
+
+def test_a_field_newer_than_the_source_run_reads_as_its_default():
+    import ml_collections
+
+    def config(**model):
+        return ml_collections.ConfigDict(dict(model=dict(preset="glip_tiny", **model), data=dict(max_text_len=64)))
+
+    older = config()  # saved before model.head_layers existed: the preset's head
+    assert warm_start._differing_fields(config(head_layers=0), older) == []
+    assert warm_start._differing_fields(config(head_layers=1), older) == [
+        "model.head_layers: None in the source, 1 here"]
 
 
 @pytest.mark.slow
