@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # One head layer instead of the preset's two (0 keeps the preset's). Trained from
     # scratch, the head's layers are what delays reading the class: with the fixed
     # 30-class prompt, a linear readout of the FPN features learnt to 16% accuracy in 100
-    # steps while the head's own outputs stayed at chance (3%) for 200. Full runs:
+    # steps while the head's own outputs stayed at chance (3-5%) for 200. Full runs:
     # validation AP50 0.124 (swapped colours 0.028) with one layer against 0.094 (0.040)
     # with two, at a 27% faster step.
     c.model.head_layers = 1
