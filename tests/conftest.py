@@ -1,9 +1,12 @@
-"""Shared test set-up: 8 fake CPU devices (set before jax is imported anywhere)."""
+"""Shared test set-up: 8 fake CPU devices and XLA's cheaper CPU compilation (set
+before jax is imported anywhere; child processes inherit them)."""
 
 import os
 
+# XLA's cheaper CPU compilation: the suite compiles many small programs and runs each a few times.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE_FLAGS
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,20 +17,17 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO.parent / "shared" / "golden"
-# XLA's cheaper CPU compilation, for child processes that compile the model.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def train_in_child(config: str, workdir: pathlib.Path, *overrides: str, timeout: float = 900) -> list[dict]:
-    """`python -m glipjax.train` in a child process with XLA's cheaper compilation;
+    """`python -m glipjax.train` in a child process (with this session's XLA flags);
     asserts it succeeds and returns the records of its metrics.jsonl."""
     import json
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "glipjax.train", "--config", config, "--workdir", str(workdir), *overrides]
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

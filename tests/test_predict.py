@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
+from conftest import FAST_COMPILE_FLAGS
 from glipjax import preprocess, sharding
 from glipjax.data import transforms
 from glipjax.data.prompts import class_prompt, clean_name, positive_map
@@ -142,7 +143,7 @@ def test_command_end_to_end_without_tensorflow(setup, detecting_run, tmp_path):
     classes.write_text("\n".join(many) + "\n\n")  # 42 classes: more than one 64-token chunk
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked), os.getcwd()]),
-               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+               XLA_FLAGS=FAST_COMPILE_FLAGS)  # one device
     command = [sys.executable, "-m", "glipjax.predict", "--checkpoint", str(detecting_run), "--image",
                *map(str, files), "--classes", str(classes), "--out", str(out), "--min-score", "0.05",
                "--max-detections", "20"]

@@ -4,7 +4,6 @@ screening, resume without duplicates) and the pseudo-label source in the trainin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAGS, REPO, train_in_child
+from conftest import REPO, train_in_child
 from glipjax import phrases, pseudo_label
 from glipjax.config import load_config
 from glipjax.data.builders import common
@@ -120,8 +119,7 @@ def test_killed_run_resumes_without_duplicates(labelled, detecting_run, captions
     overrides = ["--config.pseudo_label.score_threshold=0.1", "--config.pseudo_label.part_size=1"]
     command = [sys.executable, "-m", "glipjax.pseudo_label", "--config", CONFIG + ":tiny_teacher", "--teacher",
                str(detecting_run), "--captions", str(captions), "--out", str(out), *overrides]
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS)
-    proc = subprocess.Popen(command, cwd=REPO, env=env,
+    proc = subprocess.Popen(command, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     parts = out / pseudo_label.PARTS_DIR
     deadline = time.time() + 600

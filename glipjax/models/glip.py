@@ -205,7 +205,7 @@ def losses(
 def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
-    head_layers, fusion_embed_dim, fusion_heads, log_scale_init, align_fused_text,
+    head_layers, fusion_embed_dim, fusion_heads, log_scale_init, box_scale_init, align_fused_text,
     anchor_sizes, remat, scan_layers, prompt_tuning. `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
@@ -221,6 +221,8 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, fusion_heads=model.fusion_heads)
     if model.get("log_scale_init"):
         head = dataclasses.replace(head, log_scale_init=float(model.log_scale_init))
+    if model.get("box_scale_init"):
+        head = dataclasses.replace(head, box_scale_init=float(model.box_scale_init))
     if model.get("align_fused_text") is not None:
         head = dataclasses.replace(head, align_fused_text=bool(model.align_fused_text))
     changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False)),
