@@ -151,10 +151,7 @@ def setup(tmp_path_factory):
     length = cfg.data.max_text_len
     args = (jax.random.PRNGKey(0), np.zeros((1, *cfg.data.canvas, 3), np.float32),
             np.ones((1, length), np.int32), np.ones((1, length), np.int32))
-    # Init runs once: compiled without LLVM's expensive passes (about half the compile time).
-    init = jax.jit(model.init).lower(*args).compile(
-        compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
-    params = meta.unbox(init(*args)["params"])
+    params = meta.unbox(jax.jit(model.init)(*args)["params"])
 
     def model_fn(p, images, ids, mask):
         return model.apply({"params": p}, images, ids, mask)

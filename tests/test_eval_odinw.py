@@ -144,11 +144,9 @@ def detector(setup):
     length = cfg.data.max_text_len
     args = (jax.random.PRNGKey(0), np.zeros((1, *cfg.data.canvas, 3), np.float32),
             np.ones((1, length), np.int32), np.ones((1, length), np.int32))
-    init = jax.jit(model.init).lower(*args).compile(
-        compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
     mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = jax.device_put(meta.unbox(init(*args)["params"]), replicated)  # as load_run places them
+    params = jax.device_put(meta.unbox(jax.jit(model.init)(*args)["params"]), replicated)  # as load_run places them
     return datasets.Detector(model, config, params, mesh, batch_size=BATCH)
 
 
