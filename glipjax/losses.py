@@ -47,8 +47,10 @@ def sigmoid_focal_loss(logits: Array, targets: Array, alpha: float = 0.25, gamma
     targets = jnp.asarray(targets, jnp.float32)
     p = jax.nn.sigmoid(logits)
     ce = bce_with_logits(logits, targets)
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    loss = ce
+    if gamma:  # x ** 0 has a NaN gradient at x = 0 (a saturated sigmoid)
+        p_t = p * targets + (1 - p) * (1 - targets)
+        loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss

@@ -150,6 +150,13 @@ def test_elementwise_focal_and_giou():
     t = rng.uniform(0, 1, (50,)).astype(np.float32)
     t[:20] = np.round(t[:20])
     np.testing.assert_allclose(losses.sigmoid_focal_loss(x, t), np_focal(x.astype(np.float64), t), rtol=1e-5, atol=1e-7)
+    # gamma 0 is the alpha-weighted BCE, with a finite gradient where the sigmoid saturates.
+    saturated = np.array([40.0, -40.0, 0.5], np.float32)
+    bce = np.logaddexp(0, saturated) - saturated * np.array([1, 0, 1])
+    np.testing.assert_allclose(losses.sigmoid_focal_loss(saturated, np.array([1.0, 0.0, 1.0]), -1, 0.0), bce,
+                               rtol=1e-6, atol=1e-12)
+    grad = jax.grad(lambda z: losses.sigmoid_focal_loss(z, np.array([1.0, 0.0, 1.0]), 0.25, 0.0).sum())(saturated)
+    assert np.isfinite(np.asarray(grad)).all()
     pred = rng.uniform(0, 50, (40, 4)).astype(np.float32)  # about half have x2 < x1 or y2 < y1
     tgt = np.sort(rng.uniform(0, 50, (40, 2, 2)), axis=1).transpose(0, 2, 1).reshape(40, 4).astype(np.float32)
     np.testing.assert_allclose(losses.giou_loss(pred, tgt), np_giou_loss(pred.astype(np.float64), tgt), atol=1e-5)
