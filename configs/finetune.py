@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.preset = "glip_t"
     c.model.text_encoder = ""
     c.model.head_layers = 0  # 0 keeps the preset's (6)
+    c.model.fpn_channels = 0  # 0 keeps the preset's (256); also the head's width
     c.model.fusion_embed_dim = 0
     c.model.fusion_heads = 0
     c.model.align_fused_text = True  # False to start from a configs/demo.py run

@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.preset = "glip_t"
     c.model.text_encoder = ""  # "" for a randomly initialised BERT-base; a local HF bert-base-uncased folder to start from it
     c.model.head_layers = 0  # 0 keeps the preset's (6)
+    c.model.fpn_channels = 0  # 0 keeps the preset's (256); also the head's width
     c.model.fusion_embed_dim = 0  # 0 keeps the preset's (2048)
     c.model.fusion_heads = 0  # 0 keeps the preset's (8)
     c.model.align_fused_text = True  # align regions with the head's fused text, as the reference

@@ -23,12 +23,12 @@ from glipjax.optim import param_path
 log = logging.getLogger(__name__)
 
 # Model fields that may differ from the source run: they change no pretrained param
-# (the *_init fields only set values that the source's params replace).
-_FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_init", "box_scale_init")
+# (log_scale_init only sets the value that the source's log_scale replaces).
+_FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_init")
 
 
 # Fields newer than some saved runs, with the value their absence means.
-_ABSENT_MEANS = {"head_layers": 0}
+_ABSENT_MEANS = {"head_layers": 0, "fpn_channels": 0}
 
 
 def _differing_fields(config: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> list[str]:

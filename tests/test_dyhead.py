@@ -17,7 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from glipjax.models.bert import BertConfig
 from glipjax.models.dcn import modulated_deform_conv
-from glipjax.models.dyhead import DyConv, DyReLU, HeadConfig, Scale, VLDyHead, hard_sigmoid, l2_normalize
+from glipjax.models.dyhead import DyConv, DyReLU, HeadConfig, VLDyHead, hard_sigmoid, l2_normalize
 
 TOL = 1e-5
 TINY = HeadConfig(
@@ -237,13 +237,6 @@ def test_every_param_has_logical_axes_and_reference_inits(tiny_head):
     assert p["dyhead_tower_2/AttnConv_1/kernel"].shape == (1, 1, 16, 1)
     assert p["dyhead_tower_5/relu/fc_2/kernel"].shape == (4, 64)
     assert p["dyhead_tower_4/attention/self/query/kernel"].shape == (24, 24)
-
-
-def test_box_scale_starts_at_its_init():
-    x = jnp.arange(6.0).reshape(2, 3)
-    variables = Scale(10.0).init(jax.random.key(0), x)
-    np.testing.assert_array_equal(variables["params"]["scale"].value, [10.0])
-    np.testing.assert_array_equal(Scale(10.0).apply(variables, x), 10.0 * x)
 
 
 def _output_loss(o):

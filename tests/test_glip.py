@@ -165,14 +165,13 @@ def test_config_from_fields_and_bundled_text_encoder():
 
     text, text_params = convert.load_hf_bert(pretrained.minilm_dir())
     fields = ml_collections.ConfigDict(dict(preset="glip_tiny", head_layers=1, fusion_embed_dim=256, fusion_heads=0,
-                                            box_scale_init=10.0,
-                                            anchor_sizes=(16, 32, 64, 128, 256), remat=True, scan_layers=True))
+                                            fpn_channels=128, anchor_sizes=(16, 32, 64, 128, 256), remat=True, scan_layers=True))
     config = config_from_fields(fields, text, max_text_len=64)
     assert config.text.hidden_size == 384 and config.head.text_width == 384
     assert config.scan_layers and not config_from_fields(ml_collections.ConfigDict(dict(preset="glip_tiny"))).scan_layers
     assert config.head.fusion_embed_dim == 256 and config.head.fusion_heads == 8  # 0 keeps the preset
     assert config.head.num_layers == 1 and glip_tiny().head.num_layers == 2
-    assert config.head.box_scale_init == 10.0 and glip_tiny().head.box_scale_init == 1.0
+    assert config.fpn_channels == config.head.channels == 128 and glip_tiny().fpn_channels == 64
     assert config.anchor_sizes == (16, 32, 64, 128, 256) and config.max_text_len == 64 and config.remat
     expected = convert.glip_abstract_params(config)["language_backbone"]
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(text_params)

@@ -38,8 +38,8 @@ def test_merge_rejects_wrong_shapes_and_unknown_params():
 def _finetune_config(source, workdir_overrides=()):
     config = load_config("configs/finetune.py:prompt")
     config.unlock()
-    for key in ("preset", "text_encoder", "head_layers", "fusion_embed_dim", "fusion_heads", "align_fused_text",
-                "anchor_sizes"):
+    for key in ("preset", "text_encoder", "head_layers", "fpn_channels", "fusion_embed_dim", "fusion_heads",
+                "align_fused_text", "anchor_sizes"):
         config.model[key] = source.model[key]
     for key in ("canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes"):
         config.data[key] = source.data[key]
@@ -63,8 +63,8 @@ def test_a_field_newer_than_the_source_run_reads_as_its_default():
     def config(**model):
         return ml_collections.ConfigDict(dict(model=dict(preset="glip_tiny", **model), data=dict(max_text_len=64)))
 
-    older = config()  # saved before model.head_layers existed: the preset's head
-    assert warm_start._differing_fields(config(head_layers=0), older) == []
+    older = config()  # saved before model.head_layers and fpn_channels existed: the preset's
+    assert warm_start._differing_fields(config(head_layers=0, fpn_channels=0), older) == []
     assert warm_start._differing_fields(config(head_layers=1), older) == [
         "model.head_layers: None in the source, 1 here"]
 

@@ -52,8 +52,6 @@ class HeadConfig:
     num_classes: int = 80
     prior_prob: float = 0.01
     log_scale_init: float = 0.0
-    # Initial value of the per-level multiplier of the box deltas (the reference: 1.0).
-    box_scale_init: float = 1.0
     remat: bool = False
     # Apply the layers as one scan over their stacked params (same params and results;
     # the compiled program holds one layer instead of num_layers).
@@ -227,14 +225,12 @@ class DyConv(nn.Module):
 
 
 class Scale(nn.Module):
-    """Learnable scalar multiplier `scale` (starting at `initial`)."""
-
-    initial: float = 1.0
+    """Learnable scalar multiplier `scale` (init 1.0)."""
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.initial), (None,)),
-                           (1,), jnp.float32)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (1,),
+                           jnp.float32)
         return x * scale
 
 
@@ -402,7 +398,7 @@ class VLDyHead(nn.Module):
             b, h, w, c = v.shape
             out["cls_logits"].append(cls_conv(v).astype(jnp.float32))
             bbox = bbox_conv(v).astype(jnp.float32)
-            out["bbox_reg"].append(Scale(cfg.box_scale_init, name=f"scales_{level}")(bbox))
+            out["bbox_reg"].append(Scale(name=f"scales_{level}")(bbox))
             out["centerness"].append(ctr_conv(v).astype(jnp.float32))
             queries = v.reshape(b, h * w, c).astype(jnp.float32)
             logits = jnp.einsum("bnc,blc->bnl", queries, tokens) / jnp.exp(log_scale) + token_bias[:, None, :]

@@ -205,8 +205,9 @@ def losses(
 def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len: int | None = None) -> GLIPConfig:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
-    head_layers, fusion_embed_dim, fusion_heads, log_scale_init, box_scale_init, align_fused_text,
-    anchor_sizes, remat, scan_layers, prompt_tuning. `text` replaces the language model's config."""
+    head_layers, fpn_channels (also the head's width), fusion_embed_dim, fusion_heads,
+    log_scale_init, align_fused_text, anchor_sizes, remat, scan_layers, prompt_tuning.
+    `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
     config = PRESETS[model.preset]()
@@ -215,14 +216,14 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, text=text)
     if model.get("head_layers"):
         head = dataclasses.replace(head, num_layers=int(model.head_layers))
+    if model.get("fpn_channels"):
+        head = dataclasses.replace(head, channels=int(model.fpn_channels))
     if model.get("fusion_embed_dim"):
         head = dataclasses.replace(head, fusion_embed_dim=model.fusion_embed_dim)
     if model.get("fusion_heads"):
         head = dataclasses.replace(head, fusion_heads=model.fusion_heads)
     if model.get("log_scale_init"):
         head = dataclasses.replace(head, log_scale_init=float(model.log_scale_init))
-    if model.get("box_scale_init"):
-        head = dataclasses.replace(head, box_scale_init=float(model.box_scale_init))
     if model.get("align_fused_text") is not None:
         head = dataclasses.replace(head, align_fused_text=bool(model.align_fused_text))
     changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False)),
@@ -230,6 +231,8 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
                                "prompt_tuning": bool(model.get("prompt_tuning", False))}
     if model.get("anchor_sizes"):
         changes["anchor_sizes"] = tuple(model.anchor_sizes)
+    if model.get("fpn_channels"):
+        changes["fpn_channels"] = int(model.fpn_channels)
     if max_text_len:
         changes["max_text_len"] = max_text_len
     return dataclasses.replace(config, **changes)
