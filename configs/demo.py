@@ -82,9 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # FPN and head width 128 instead of the preset's 64. The FPN's random 3x3 convs mix
     # each position with its neighbours (and the coarser levels), and at width 64 they
     # lose most of the colour that the Swin stages hold: a linear probe of colour at the
-    # positive anchors reads 84% from Swin's C3 at init but 61/60/28% from P3/P4/P5
-    # (71/67/40% at width 128), and after 1200 steps at width 64, 62/40/17%. Full runs: validation
-    # AP50 0.226 (swapped colours 0.036) at width 128 against 0.124 (0.028) at 64.
+    # positive anchors reads 86% from Swin's C3 at init but 61/60/28% from P3/P4/P5
+    # (71/67/40% at width 128), and 62/40/17% after 1200 steps at width 64. Full runs:
+    # validation AP50 0.226 (swapped colours 0.036) at width 128 against 0.124 (0.028) at 64.
     c.model.fpn_channels = 128
     c.model.fusion_embed_dim = 256  # 0 keeps the preset's (2048)
     c.model.fusion_heads = 8

@@ -20,7 +20,7 @@ GOLDEN_DIR = REPO.parent / "shared" / "golden"
 
 
 def train_in_child(config: str, workdir: pathlib.Path, *overrides: str, timeout: float = 900) -> list[dict]:
-    """`python -m glipjax.train` in a child process (with this session's XLA flags);
+    """`python -m glipjax.train` in a child process (with the test run's XLA flags);
     asserts it succeeds and returns the records of its metrics.jsonl."""
     import json
     import subprocess
