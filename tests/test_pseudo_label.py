@@ -139,7 +139,7 @@ def test_killed_run_resumes_without_duplicates(labelled, detecting_run, captions
     ids = [r["image_id"] for r in records]
     assert ids == sorted(set(ids)) and len(ids) == summary["records"]
     # Images the rerun labelled match the uninterrupted run exactly (same process and
-    # compilation); the killed process compiled with other XLA options.
+    # compilation); the killed process compiled its own program.
     killed = {int(name.split("-")[0]) for name in done}
 
     def by_id(folder, rows):  # file_name is relative to each output folder
