@@ -12,7 +12,7 @@ pseudo-labels the caption-only images, and a student trains on both.
   python -m glipjax.train --config configs/demo_selftrain.py:student --workdir runs/selftrain/student
 
 Both runs end with AP50 on held-out images and on novel colour-shape pairs (eval.json).
-`launch/selftrain_demo.sh` runs the four steps. The variants tiny_teacher and
+`launch/local/selftrain_demo.sh` runs the four steps. The variants tiny_teacher and
 tiny_student are the same on configs/demo.py:tiny, for tests.
 """
 
