@@ -1,13 +1,18 @@
-"""Shared test set-up: 8 fake CPU devices and XLA's cheaper CPU compilation (set
-before jax is imported anywhere; child processes inherit them)."""
+"""Shared test set-up: 8 fake CPU devices and XLA's cheaper CPU compilation for the
+test processes (set before jax is imported anywhere), and `child_env` for the
+processes they start: the same cheaper compilation on one CPU device."""
 
 import os
 
 # XLA's cheaper CPU compilation: the suite compiles many small programs and runs each a few times.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE_FLAGS
-).strip()
+# Child processes (training runs, commands) use one device: an 8-way partitioned
+# program on the same two cores compiles and runs slower, and they test no sharding.
+# (pytest-xdist's workers inherit the flags below: drop what is already there.)
+_USER_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if f not in FAST_COMPILE_FLAGS.split() and not f.startswith("--xla_force_host_platform_device_count")]
+CHILD_XLA_FLAGS = " ".join([*_USER_FLAGS, FAST_COMPILE_FLAGS])
+os.environ["XLA_FLAGS"] = CHILD_XLA_FLAGS + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,15 +24,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO.parent / "shared" / "golden"
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this one's, on one CPU device, plus `extra`."""
+    return dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS, **extra)
+
+
 def train_in_child(config: str, workdir: pathlib.Path, *overrides: str, timeout: float = 900) -> list[dict]:
-    """`python -m glipjax.train` in a child process (with the test run's XLA flags);
-    asserts it succeeds and returns the records of its metrics.jsonl."""
+    """`python -m glipjax.train` in a child process (child_env); asserts it succeeds
+    and returns the records of its metrics.jsonl."""
     import json
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "glipjax.train", "--config", config, "--workdir", str(workdir), *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -41,7 +51,7 @@ def spawn_workers(script: pathlib.Path, counts: list[int], timeout: float = 900)
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE_FLAGS)
+    env = child_env(PYTHONPATH=str(REPO))
     jobs = []
     for count in counts:
         with socket.socket() as s:

@@ -3,7 +3,6 @@ reference configs it checks (configs/glip_t.py, configs/glip_l.py)."""
 
 import ast
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import jax
 import pytest
 
+from conftest import child_env
 from glipjax import aot, sharding, train_state
 from glipjax.config import load_config
 
@@ -121,7 +121,7 @@ def fsdp4_run(tmp_path_factory):
     """One compile of the tiny demo step on 4 simulated devices with fsdp=4, in a fresh
     process, against a 1 MiB budget."""
     out = tmp_path_factory.mktemp("aot") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()  # glipjax.aot adds the device count
     result = subprocess.run([sys.executable, "-m", "glipjax.aot", *TINY, "--devices", "4", "--mesh",
                              "data=1,fsdp=4,tensor=1", "--hbm", "1MiB", "--out", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from conftest import FAST_COMPILE_FLAGS
+from conftest import child_env
 from glipjax import preprocess, sharding
 from glipjax.data import transforms
 from glipjax.data.prompts import class_prompt, clean_name, positive_map
@@ -142,8 +142,7 @@ def test_command_end_to_end_without_tensorflow(setup, detecting_run, tmp_path):
             for s in ("circle", "square", "triangle", "star", "ring", "cross")]
     classes.write_text("\n".join(many) + "\n\n")  # 42 classes: more than one 64-token chunk
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocked), os.getcwd()]),
-               XLA_FLAGS=FAST_COMPILE_FLAGS)  # one device
+    env = child_env(PYTHONPATH=os.pathsep.join([str(blocked), os.getcwd()]))
     command = [sys.executable, "-m", "glipjax.predict", "--checkpoint", str(detecting_run), "--image",
                *map(str, files), "--classes", str(classes), "--out", str(out), "--min-score", "0.05",
                "--max-detections", "20"]

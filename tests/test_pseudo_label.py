@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, train_in_child
+from conftest import REPO, child_env, train_in_child
 from glipjax import phrases, pseudo_label
 from glipjax.config import load_config
 from glipjax.data.builders import common
@@ -119,7 +119,7 @@ def test_killed_run_resumes_without_duplicates(labelled, detecting_run, captions
     overrides = ["--config.pseudo_label.score_threshold=0.1", "--config.pseudo_label.part_size=1"]
     command = [sys.executable, "-m", "glipjax.pseudo_label", "--config", CONFIG + ":tiny_teacher", "--teacher",
                str(detecting_run), "--captions", str(captions), "--out", str(out), *overrides]
-    proc = subprocess.Popen(command, cwd=REPO,
+    proc = subprocess.Popen(command, cwd=REPO, env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     parts = out / pseudo_label.PARTS_DIR
     deadline = time.time() + 600

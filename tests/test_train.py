@@ -5,7 +5,6 @@ evaluation keeps the best evaluated checkpoint beside the latest."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAGS
+from conftest import child_env
 from glipjax.checkpoint import load_params
 
 STEPS = 6
@@ -37,8 +36,7 @@ def _command(workdir: pathlib.Path) -> list[str]:
 
 def _env(cache: pathlib.Path) -> dict[str, str]:
     # One cheap compilation shared by the three runs through JAX's persistent cache.
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=FAST_COMPILE_FLAGS)
+    return child_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _logged(workdir: pathlib.Path) -> list[dict]:
