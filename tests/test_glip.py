@@ -165,7 +165,8 @@ def test_config_from_fields_and_bundled_text_encoder():
 
     text, text_params = convert.load_hf_bert(pretrained.minilm_dir())
     fields = ml_collections.ConfigDict(dict(preset="glip_tiny", head_layers=1, fusion_embed_dim=256, fusion_heads=0,
-                                            fpn_channels=128, anchor_sizes=(16, 32, 64, 128, 256), remat=True, scan_layers=True))
+                                            fpn_channels=128, anchor_sizes=(16, 32, 64, 128, 256), remat=True,
+                                            scan_layers=True))
     config = config_from_fields(fields, text, max_text_len=64)
     assert config.text.hidden_size == 384 and config.head.text_width == 384
     assert config.scan_layers and not config_from_fields(ml_collections.ConfigDict(dict(preset="glip_tiny"))).scan_layers
