@@ -7,9 +7,14 @@ and, on a GPU whose peak is known, model FLOPs utilisation (MFU).
   python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=1 --steps 2
   python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=8 \\
       --config.model.dtype=bfloat16                                   # GPU MFU (goal >= 45%)
+  python benchmarks/train_step.py --config configs/demo.py --profile runs/profile  # + a trace
 
-The FLOPs are XLA's count on the program as lowered, before compiling (the same on every
-backend); it includes every op and, with model.remat, the recomputed forward, so it is
+With --profile DIR, a few more steps run under the JAX profiler: DIR then holds an XProf
+trace (open it with `xprof --logdir DIR` or TensorBoard's profile plugin) and a Perfetto
+trace (perfetto_trace.json.gz, for ui.perfetto.dev) that show where the step's time goes.
+
+The FLOPs are XLA's count on the step as lowered, before compiling, for one CPU device
+(the same program on every backend, so the count holds for the GPU too); it includes every op and, with model.remat, the recomputed forward, so it is
 an upper estimate of the useful FLOPs. The matmul peak is the best of a few square
 matmuls in the step's compute dtype (float32 on CPU). MFU divides the achieved FLOP/s by
 the device's dense bf16 peak from its datasheet (PEAK_TFLOPS).
@@ -24,19 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax import sharding, train_state
+from glipjax import aot, sharding, train_state
 from glipjax.config import parse_command_line
 
 # Dense bf16 peak per device (TFLOP/s), from the vendors' datasheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
 
 
-def flops_of(stage) -> float:
-    """FLOPs of a jax.stages.Lowered or Compiled by XLA's cost analysis."""
-    analysis = stage.cost_analysis()
+def flops_of(lowered) -> float:
+    """FLOPs of a jax.stages.Lowered by XLA's cost analysis (nan where the backend has none)."""
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+    return float((analysis or {}).get("flops", float("nan")))
 
 
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -69,9 +74,9 @@ def matmul_peak(dtype: jnp.dtype, size: int, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def lower_step(config, state, batch, mesh, rules):
+def lower_step(config, state, batch, mesh, rules, load_text_weights: bool = True):
     """The trainer's jitted update step for `config`, lowered for (state, batch)."""
-    model, glip_config, _ = train_state.build_model(config)
+    model, glip_config, _ = train_state.build_model(config, load_text_weights)
     tx, schedule = train_state.make_tx(config)
     step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
                                       state, mesh, rules)
@@ -79,20 +84,27 @@ def lower_step(config, state, batch, mesh, rules):
         return step.lower(state, batch)
 
 
-def step_flops(config, state, batch, mesh, rules, lowered) -> float:
-    """XLA's FLOP count of the step as lowered, before compiling: after it, a GPU's matmuls
-    and convolutions are library calls that the count misses. A scan's body counts once,
-    so with model.scan_layers the count comes from the same step unrolled."""
-    if not config.model.get("scan_layers"):
-        return flops_of(lowered)
-    unrolled = config.copy_and_resolve_references()
-    unrolled.model.scan_layers = False
-    return flops_of(lower_step(unrolled, state, batch, mesh, rules))
+def step_flops(config) -> float:
+    """XLA's FLOP count of the step, lowered (not compiled) for one CPU device from
+    abstract state and batch: the same program on every backend. A GPU's compiled count
+    misses the library matmuls, and plugin backends such as CUDA's do not count lowered
+    programs. A scan's body counts once, so the step is lowered unrolled."""
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = False
+    mesh = sharding.make_mesh({}, jax.devices("cpu")[:1])
+    rules = sharding.rules_from_config(config)
+    model, _, _ = train_state.build_model(config, load_text_weights=False)
+    tx, _ = train_state.make_tx(config)
+    state = train_state.abstract_state(config, model, tx, mesh, rules)
+    batch = aot.abstract_batch(config, mesh, rules)
+    return flops_of(lower_step(config, state, batch, mesh, rules, load_text_weights=False))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+    parser.add_argument("--profile", default="", help="a folder: trace --profile-steps more steps there")
+    parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=0, help="0: 2048 on CPU, 8192 on accelerators")
     args, config = parse_command_line(parser)
 
@@ -111,7 +123,7 @@ def main() -> None:
     lowered = lower_step(config, state, batch, mesh, rules)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = step_flops(config, state, batch, mesh, rules, lowered)
+    flops = step_flops(config)
     print(f"compile {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP per step", flush=True)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -121,6 +133,13 @@ def main() -> None:
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / args.steps
 
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(args.profile_steps):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+        print(f"profile of {args.profile_steps} steps in {args.profile}", flush=True)
+
     achieved = flops / step_s / mesh.size
     dtype = jnp.dtype(config.model.dtype)
     size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
@@ -129,6 +148,9 @@ def main() -> None:
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s per device = "
           f"{100 * achieved / peak:.0f}% of the measured {dtype.name} matmul peak ({peak / 1e9:.1f} GFLOP/s, "
           f"{size}^3)")
+    peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    if peak_bytes is not None:
+        print(f"peak memory {peak_bytes / 2**30:.1f} GiB of {device.device_kind}")
     spec = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device.device_kind.lower()), None)
     if spec is not None:
         print(f"MFU {100 * achieved / (spec * 1e12):.1f}% of the {device.device_kind} bf16 peak ({spec:.0f} TFLOP/s)")
