@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.align_fused_text = True  # align regions with the head's fused text, as the reference
     c.model.anchor_sizes = ()  # () keeps the preset's (64, 128, 256, 512, 1024)
     c.model.dtype = "bfloat16"  # compute dtype; params stay float32
+    c.model.dropout = True  # False turns off every dropout and Swin's stochastic depth
     c.model.remat = True
     c.model.scan_layers = True  # run the BERT and head layers as one scan each: a faster compile, same params
 

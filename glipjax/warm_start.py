@@ -23,8 +23,9 @@ from glipjax.optim import param_path
 log = logging.getLogger(__name__)
 
 # Model fields that may differ from the source run: they change no pretrained param
-# (log_scale_init only sets the value that the source's log_scale replaces).
-_FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_init")
+# (log_scale_init only sets the value that the source's log_scale replaces; dropout
+# acts only in training).
+_FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_init", "dropout")
 
 
 # Fields newer than some saved runs, with the value their absence means.

@@ -174,6 +174,13 @@ def test_config_from_fields_and_bundled_text_encoder():
     assert config.head.num_layers == 1 and glip_tiny().head.num_layers == 2
     assert config.fpn_channels == config.head.channels == 128 and glip_tiny().fpn_channels == 64
     assert config.anchor_sizes == (16, 32, 64, 128, 256) and config.max_text_len == 64 and config.remat
+    assert config.swin.drop_path_rate == glip_tiny().swin.drop_path_rate == 0.2  # dropout absent: the preset's
+    assert config.head.fusion_dropout == 0.1 and config.text.hidden_dropout_prob == 0.1
+    fields.dropout = False
+    quiet = config_from_fields(fields, text, max_text_len=64)
+    assert quiet.swin.drop_path_rate == quiet.head.fusion_dropout == 0.0
+    assert quiet.text.hidden_dropout_prob == quiet.text.attention_probs_dropout_prob == 0.0
+    assert quiet.swin.embed_dim == config.swin.embed_dim and quiet.head.channels == config.head.channels
     expected = convert.glip_abstract_params(config)["language_backbone"]
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(text_params)
     with pytest.raises(ValueError, match="unknown model preset"):

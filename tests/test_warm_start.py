@@ -67,6 +67,7 @@ def test_a_field_newer_than_the_source_run_reads_as_its_default():
     assert warm_start._differing_fields(config(head_layers=0, fpn_channels=0), older) == []
     assert warm_start._differing_fields(config(head_layers=1), older) == [
         "model.head_layers: None in the source, 1 here"]
+    assert warm_start._differing_fields(config(dropout=True), config(dropout=False)) == []  # training only
 
 
 @pytest.mark.slow

@@ -206,7 +206,8 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
     head_layers, fpn_channels (also the head's width), fusion_embed_dim, fusion_heads,
-    log_scale_init, align_fused_text, anchor_sizes, remat, scan_layers, prompt_tuning.
+    log_scale_init, align_fused_text, anchor_sizes, remat, scan_layers, prompt_tuning;
+    dropout=False turns off every dropout and Swin's stochastic depth.
     `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
@@ -226,7 +227,12 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, log_scale_init=float(model.log_scale_init))
     if model.get("align_fused_text") is not None:
         head = dataclasses.replace(head, align_fused_text=bool(model.align_fused_text))
-    changes: dict[str, Any] = {"head": head, "remat": bool(model.get("remat", False)),
+    swin = config.swin
+    if not model.get("dropout", True):
+        head = dataclasses.replace(head, fusion_dropout=0.0, text=dataclasses.replace(
+            head.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        swin = dataclasses.replace(swin, drop_path_rate=0.0)
+    changes: dict[str, Any] = {"head": head, "swin": swin, "remat": bool(model.get("remat", False)),
                                "scan_layers": bool(model.get("scan_layers", False)),
                                "prompt_tuning": bool(model.get("prompt_tuning", False))}
     if model.get("anchor_sizes"):
