@@ -9,6 +9,9 @@ collection and Flax partitioning boxes are ignored):
   trains at `bias_lr_factor` x lr with `bias_weight_decay`;
 - norm scales (LayerNorm/GroupNorm weights) get weight decay unless `norm_weight_decay`
   is off;
+- `lr_factors`, (regex, factor) pairs: a param whose path the first matching regex
+  finds trains at that factor times its group's lr (and keeps its group's weight
+  decay);
 - `frozen` regexes (re.search on the path) and the unused `head/cls_logits` conv get
   no update at all, no weight decay and no optimizer moments.
 Gradients of the trainable params are clipped to global L2 norm `clip_norm`; the lr
@@ -39,7 +42,6 @@ TEXT_PREFIX = "language_backbone/"
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW defaults
 _NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)  # apply_if_finite never accepts a bad step
 _NORM_MODULE = re.compile(r"(?i)norm|^bn$|^gn$")
-_GROUPS = ("frozen", "base", "base_bias", "base_norm", "text", "text_bias", "text_norm")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -60,6 +62,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             grad_accum_steps=1,
             ema_decay=0.999,  # 0 turns EMA off
             frozen=(),  # regexes searched in param paths such as "head/bias_lang"
+            lr_factors=(),  # (regex, factor) pairs: matching params train at factor x their group's lr
         )
     )
 
@@ -102,6 +105,14 @@ def _check_config(config: ml_collections.ConfigDict, total_steps: int) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"optim.frozen pattern {pattern!r} is not a valid regex: {e}") from e
+    for entry in config.lr_factors:
+        pair = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+        if not (pair and isinstance(entry[1], (int, float)) and entry[1] > 0):
+            raise ValueError(f"optim.lr_factors entries must be (regex, factor > 0) pairs, got {entry!r}")
+        try:
+            re.compile(entry[0])
+        except re.error as e:
+            raise ValueError(f"optim.lr_factors pattern {entry[0]!r} is not a valid regex: {e}") from e
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -120,11 +131,13 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def param_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
-    """Group label per param (one of "frozen", "base", "base_bias", "base_norm", "text",
-    "text_bias", "text_norm"), a tree shaped like `params`. Raises ValueError for a
-    `frozen` pattern that matches no param."""
+    """Group label per param, a tree shaped like `params`: "frozen" or one of "base",
+    "base_bias", "base_norm", "text", "text_bias", "text_norm", followed by "@i" when
+    lr_factors[i] is the first entry whose regex finds the path. Raises ValueError
+    for a `frozen` or `lr_factors` pattern that matches no param."""
     frozen = [re.compile(p) for p in (*ALWAYS_FROZEN, *config.frozen)]
-    used = set()
+    scaled = [re.compile(p) for p, _ in config.lr_factors]
+    used, used_scaled = set(), set()
 
     def label(keypath: tuple[Any, ...], _: Any) -> str:
         path = param_path(keypath)
@@ -132,18 +145,25 @@ def param_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         if hits:
             used.update(hits)
             return "frozen"
-        prefix = "text" if path.startswith(TEXT_PREFIX) else "base"
+        group = "text" if path.startswith(TEXT_PREFIX) else "base"
         *modules, name = path.split("/")
         if "bias" in path:
-            return prefix + "_bias"
-        if name == "scale" and modules and _NORM_MODULE.search(modules[-1]):
-            return prefix + "_norm"
-        return prefix
+            group += "_bias"
+        elif name == "scale" and modules and _NORM_MODULE.search(modules[-1]):
+            group += "_norm"
+        factor = next((i for i, p in enumerate(scaled) if p.search(path)), None)
+        if factor is None:
+            return group
+        used_scaled.add(factor)
+        return f"{group}@{factor}"
 
     labels = jax.tree_util.tree_map_with_path(label, params)
     unused = [frozen[i].pattern for i in range(len(ALWAYS_FROZEN), len(frozen)) if i not in used]
     if unused:
         raise ValueError(f"optim.frozen patterns match no parameter: {unused}")
+    unused = [scaled[i].pattern for i in range(len(scaled)) if i not in used_scaled]
+    if unused:
+        raise ValueError(f"optim.lr_factors patterns match no parameter: {unused}")
     return labels
 
 
@@ -184,18 +204,16 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     wd, bias_wd = config.weight_decay, config.bias_weight_decay
     norm_wd = wd if config.norm_weight_decay else 0.0
     text, bias = config.text_lr_factor, config.bias_lr_factor
-    groups = optax.multi_transform(
-        {
-            "frozen": optax.set_to_zero(),
-            "base": _adamw_group(schedule, 1.0, wd),
-            "base_bias": _adamw_group(schedule, bias, bias_wd),
-            "base_norm": _adamw_group(schedule, 1.0, norm_wd),
-            "text": _adamw_group(schedule, text, wd),
-            "text_bias": _adamw_group(schedule, text * bias, bias_wd),
-            "text_norm": _adamw_group(schedule, text, norm_wd),
-        },
-        labels,
-    )
+    group_settings = {  # group: (lr factor, weight decay)
+        "base": (1.0, wd), "base_bias": (bias, bias_wd), "base_norm": (1.0, norm_wd),
+        "text": (text, wd), "text_bias": (text * bias, bias_wd), "text_norm": (text, norm_wd),
+    }
+    transforms = {"frozen": optax.set_to_zero()}
+    for group, (factor, decay) in group_settings.items():
+        transforms[group] = _adamw_group(schedule, factor, decay)
+        for i, (_, extra) in enumerate(config.lr_factors):
+            transforms[f"{group}@{i}"] = _adamw_group(schedule, factor * float(extra), decay)
+    groups = optax.multi_transform(transforms, labels)
     core = optax.chain(
         optax.masked(optax.set_to_zero(), lambda tree: jax.tree.map(lambda g: g == "frozen", labels(tree))),
         optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity(),

@@ -152,6 +152,25 @@ def test_constant_gradient_first_step_matches_hand_adamw():
         np.testing.assert_allclose(u[path], expected, rtol=1e-5, err_msg=path)
 
 
+def test_lr_factors_scale_their_params_only():
+    """With lr_factors the first matching regex multiplies the group's lr (weight decay
+    kept): the first AdamW step is the hand formula with that factor. rtol 1e-5."""
+    factors = ((r"relative_position_bias_table$", 10.0), (r"^backbone/", 3.0))
+    config = _config(clip_norm=0.0, lr_factors=factors)
+    labels = _flat(param_groups(_params(), config))
+    assert labels["backbone/body/layers_0/blocks_0/attn/relative_position_bias_table"] == "base_bias@0"
+    assert labels["backbone/body/norm1/scale"] == "base_norm@1"
+    assert labels["head/bias0"] == "base_bias"
+    params, grads = _params(), _params(seed=1)
+    tx = make_optimizer(config, total_steps=100)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    p, u, g = _flat(params), _flat(updates), _flat(grads)
+    for path, (_, factor, decays) in EXPECTED.items():
+        extra = 10.0 if path.endswith("relative_position_bias_table") else 3.0 if path.startswith("backbone/") else 1.0
+        expected = -LR * factor * extra * (g[path] / (np.abs(g[path]) + ADAM_EPS) + WD * decays * p[path])
+        np.testing.assert_allclose(u[path], expected, rtol=1e-5, err_msg=path)
+
+
 def test_norm_weight_decay_switch():
     params = _params()
     tx = make_optimizer(_config(norm_weight_decay=False), total_steps=100)
@@ -301,6 +320,9 @@ def test_boxed_params_step_like_plain():
         (dict(grad_accum_steps=0), 100, "grad_accum_steps"),
         (dict(ema_decay=1.0), 100, "ema_decay"),
         (dict(frozen=("(",)), 100, "not a valid regex"),
+        (dict(lr_factors=(("(", 2.0),)), 100, "not a valid regex"),
+        (dict(lr_factors=(("head", 0.0),)), 100, "lr_factors"),
+        (dict(lr_factors=("head",)), 100, "lr_factors"),
         ({}, 0, "total_steps"),
     ],
 )
@@ -309,7 +331,8 @@ def test_bad_config_raises(fields, total, message):
         make_optimizer(_config(**fields), total_steps=total)
 
 
-def test_frozen_pattern_matching_nothing_raises():
-    tx = make_optimizer(_config(frozen=("no_such_param",)), total_steps=100)
+@pytest.mark.parametrize("fields", [dict(frozen=("no_such_param",)), dict(lr_factors=(("no_such_param", 2.0),))])
+def test_pattern_matching_nothing_raises(fields):
+    tx = make_optimizer(_config(**fields), total_steps=100)
     with pytest.raises(ValueError, match="match no parameter"):
         tx.init(_params())
