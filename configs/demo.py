@@ -48,10 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # shuffled class prompt with sampled negatives; "fixed": every class in order) and
     # the kind's own fields (shapes: split).
     c.data.sources = ml_collections.ConfigDict()
+    # Mostly detection prompts: the evaluation scores class prompts, and only detection
+    # prompts put an object's same-colour, other-shape classes beside it as negatives (a
+    # caption names only what the image holds). Full runs: validation AP50 0.335
+    # (swapped colours 0.017) against 0.306 (0.015) with captions 0.6, detection 0.4.
     c.data.sources.shapes_captions = ml_collections.ConfigDict(
-        dict(kind="shapes", split="train", prompt="caption", weight=0.6))
+        dict(kind="shapes", split="train", prompt="caption", weight=0.2))
     c.data.sources.shapes_detection = ml_collections.ConfigDict(
-        dict(kind="shapes", split="train", prompt="detection", weight=0.4))
+        dict(kind="shapes", split="train", prompt="detection", weight=0.8))
     c.data.batch_size = 8  # global; each host reads batch_size / hosts
     c.data.canvas = (96, 96) if tiny else (128, 128)  # (height, width), multiples of 32
     c.data.short_sides = (64, 80, 96) if tiny else (96, 112, 128)
@@ -120,6 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with all of MiniLM fixed, at the same step time: the backward pass stops at
     # layer 4. Training every layer (frozen="()") costs about a third more step time.
     c.optim.frozen = (r"^language_backbone/(embeddings|encoder/layer_[0-3])/",)
+    # Swin's relative position biases start near 0 and move about lr a step: at the base
+    # lr they stayed below 0.3 after 1200 steps, so window attention hardly depended on
+    # position; at 20x they reach 1 to 4. Full runs: validation AP50 0.354 against 0.335.
+    c.optim.lr_factors = ((r"relative_position_bias_table$", 20.0),)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 4 if tiny else 1200

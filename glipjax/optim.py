@@ -141,6 +141,9 @@ def param_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
 
     def label(keypath: tuple[Any, ...], _: Any) -> str:
         path = param_path(keypath)
+        factor = next((i for i, p in enumerate(scaled) if p.search(path)), None)
+        if factor is not None:
+            used_scaled.add(factor)
         hits = {i for i, p in enumerate(frozen) if p.search(path)}
         if hits:
             used.update(hits)
@@ -151,11 +154,7 @@ def param_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
             group += "_bias"
         elif name == "scale" and modules and _NORM_MODULE.search(modules[-1]):
             group += "_norm"
-        factor = next((i for i, p in enumerate(scaled) if p.search(path)), None)
-        if factor is None:
-            return group
-        used_scaled.add(factor)
-        return f"{group}@{factor}"
+        return group if factor is None else f"{group}@{factor}"
 
     labels = jax.tree_util.tree_map_with_path(label, params)
     unused = [frozen[i].pattern for i in range(len(ALWAYS_FROZEN), len(frozen)) if i not in used]

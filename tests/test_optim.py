@@ -161,6 +161,8 @@ def test_lr_factors_scale_their_params_only():
     assert labels["backbone/body/layers_0/blocks_0/attn/relative_position_bias_table"] == "base_bias@0"
     assert labels["backbone/body/norm1/scale"] == "base_norm@1"
     assert labels["head/bias0"] == "base_bias"
+    frozen_too = _flat(param_groups(_params(), _config(lr_factors=factors, frozen=("^backbone/",))))
+    assert frozen_too["backbone/body/norm1/scale"] == "frozen"  # a pattern that finds only frozen params is fine
     params, grads = _params(), _params(seed=1)
     tx = make_optimizer(config, total_steps=100)
     updates, _ = tx.update(grads, tx.init(params), params)

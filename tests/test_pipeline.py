@@ -121,9 +121,12 @@ def test_two_hosts_read_disjoint_records(data_dir):
 
 def test_mix_proportions_follow_the_weights(batches):
     sources = np.concatenate([b["source"] for b in batches[0]])
-    fraction = float(np.mean(sources == 0))  # shapes_captions, weight 0.6
-    # 320 samples: binomial standard deviation 0.027; allow 3.5 of them.
-    assert abs(fraction - 0.6) < 0.095, fraction
+    fraction = float(np.mean(sources == 0))  # shapes_captions
+    weights = _config().data.sources
+    expected = weights.shapes_captions.weight / (weights.shapes_captions.weight + weights.shapes_detection.weight)
+    assert 0 < expected < 1
+    # Allow 3.5 binomial standard deviations (0.078 for 320 samples at weight 0.2).
+    assert abs(fraction - expected) < 3.5 * np.sqrt(expected * (1 - expected) / sources.size), fraction
     names = batches[1].source_names
     assert names == ["shapes_captions", "shapes_detection"]
 
