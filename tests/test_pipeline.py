@@ -132,13 +132,13 @@ def test_mix_proportions_follow_the_weights(batches):
 
 
 def test_detection_and_caption_prompts_differ(batches):
-    batch = batches[0][0]
-    captions = batch["input_ids"][batch["source"] == 0]
-    detections = batch["input_ids"][batch["source"] == 1]
+    ids = np.concatenate([b["input_ids"] for b in batches[0]])
+    sources = np.concatenate([b["source"] for b in batches[0]])
+    captions, detections = ids[sources == 0], ids[sources == 1]
     assert len(captions) and len(detections)
     period = 1012  # "." in the bert-base-uncased vocabulary
     # A detection prompt separates its classes with ". "; a shapes caption is one sentence.
-    assert all((ids == period).sum() >= 1 for ids in detections)
+    assert all((row == period).sum() >= 1 for row in detections)
 
 
 def test_global_arrays_are_sharded_over_the_data_axes(data_dir):
@@ -264,5 +264,5 @@ def test_inspect_mix_prints_the_mix_and_draws_a_batch(data_dir, tmp_path, capsys
     out = capsys.readouterr().out
     assert path == tmp_path / "batch.png" and path.is_file()
     assert "mix: 2 sources, 16 samples in 2 batches" in out
-    assert "shapes_captions: shapes, prompt caption, 48 records, weight 0.600, measured" in out
+    assert "shapes_captions: shapes, prompt caption, 48 records, weight 0.200, measured" in out
     assert "drops runtime: dropped_degenerate 0, dropped_max_boxes 0, dropped_prompt 0" in out
