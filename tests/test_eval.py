@@ -175,7 +175,7 @@ def test_evaluate_shapes_end_to_end(setup):
 
 
 def _images(cfg, data_dir):
-    ds = load_split(cfg.data.shapes, data_dir, "validation").take(BATCH)
+    ds = load_split(cfg.data.shapes, data_dir, "validation", max_records=BATCH)
     examples = list(tfds.as_numpy(_eval_examples(ds, transform_config(cfg.data))))
     return np.stack([e["image"] for e in examples]), np.stack([e["image_size"] for e in examples]).astype(np.int32)
 

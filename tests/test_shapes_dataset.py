@@ -256,5 +256,10 @@ def test_load_split_reads_the_built_split(built, tiny_cfg):
     first = next(iter(ds))
     assert first["image"].shape == (96, 96, 3) and first["objects"]["bbox"].shape[-1] == 4
     assert sum(1 for _ in ds) == tiny_cfg.data.shapes.num_validation
+    head = shapes_builder.load_split(tiny_cfg.data.shapes, dir_a, "validation", max_records=3)
+    ids = [r["image_id"] for r in ds.take(3).as_numpy_iterator()]
+    assert [r["image_id"] for r in head.as_numpy_iterator()] == ids
     with pytest.raises(ValueError, match="split"):
         shapes_builder.load_split(tiny_cfg.data.shapes, dir_a, "test")
+    with pytest.raises(ValueError, match="max_records"):
+        shapes_builder.load_split(tiny_cfg.data.shapes, dir_a, "validation", max_records=0)

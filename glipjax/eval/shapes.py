@@ -132,9 +132,7 @@ def evaluate_shapes(
     forward = make_forward(model_fn, config_glip)
     max_detections = config_glip.postprocess.max_detections
 
-    ds = load_split(cfg.data.shapes, data_dir, split)
-    if max_images is not None:
-        ds = ds.take(max_images)
+    ds = load_split(cfg.data.shapes, data_dir, split, max_records=max_images)
     total = int(ds.cardinality())
     examples = tfds.as_numpy(_eval_examples(ds, transform_config(cfg.data)))
     evaluator = CocoBoxEvaluator([(c.id, c.name) for c in shapes.CATEGORIES])

@@ -166,9 +166,16 @@ def load_split(
     *,
     shuffle_files: bool = False,
     decoders: Mapping[str, Any] | None = None,
+    max_records: int | None = None,
 ) -> tf.data.Dataset:
-    """The decoded records of `split` (built first if needed), as a tf.data.Dataset."""
+    """The decoded records of `split` (built first if needed), as a tf.data.Dataset;
+    with `max_records`, only its first max_records records."""
     if split not in shapes.SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {shapes.SPLITS}.")
+    if max_records is not None and max_records < 1:
+        raise ValueError(f"max_records must be at least 1, got {max_records}.")
     builder = build_shapes(cfg_shapes, data_dir)
-    return builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders)
+    # A sliced split rather than take(): TFDS caches small splits whole, and a take() of
+    # the cached dataset reads it only in part (tf.data warns and discards the cache).
+    name = split if max_records is None else f"{split}[:{max_records}]"
+    return builder.as_dataset(split=name, shuffle_files=shuffle_files, decoders=decoders)
