@@ -144,12 +144,9 @@ def _evaluate_shapes(config: ml_collections.ConfigDict, run: Run, data_dir: os.P
     as {"<split>/<mode>": report}. Every process evaluates the whole (small) split."""
     from glipjax.eval.shapes import evaluate_shapes
 
-    def model_fn(params, *inputs):
-        return run.model.apply({"params": params}, *inputs)
-
     if not config.eval.splits or not config.eval.prompt_modes:
         raise ValueError("--dataset shapes: set --config.eval.splits and --config.eval.prompt_modes")
-    return {f"{split}/{mode}": evaluate_shapes(model_fn, run.params, run.glip_config, config, data_dir, split, mode,
+    return {f"{split}/{mode}": evaluate_shapes(run.model, run.params, config, data_dir, split, mode,
                                                max_images, batch_size=batch_size, progress=progress)
             for split in config.eval.splits for mode in config.eval.prompt_modes}
 

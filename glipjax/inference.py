@@ -2,8 +2,9 @@
 
 A class list becomes the prompt "person. bicycle. car" (glipjax.data.prompts). When
 it does not fit the text length it is split into chunks that each fit
-(prompts.chunk_classes), one forward pass per chunk, and each image's detections of
-all chunks are merged: phrase labels become the classes' ids, and the best
+(prompts.chunk_classes). A batch of images is encoded once and each chunk's text once
+(not once per image); the head runs per chunk, and each image's detections of all
+chunks are merged: phrase labels become the classes' ids, and the best
 `max_detections` by score are kept (no NMS across chunks, as the reference does for
 LVIS). Every chunk is padded to the same number of phrase slots, so one compiled
 forward serves them all.
@@ -15,20 +16,16 @@ import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import transformers
 
 from glipjax.data.prompts import chunk_classes, class_prompt, positive_map
 from glipjax.data.tokenizer import NUM_SPECIAL_TOKENS, encode
-from glipjax.models.glip import GLIPConfig, detect
+from glipjax.models.glip import GLIP, detect
 from glipjax.models.postprocess import Detections
 
-# model_fn(params, images (B, H, W, 3), input_ids (B, L), attention_mask (B, L)) -> GLIP outputs
-ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, Any]]
-# forward(params, images, input_ids, attention_mask, positive_map (P, L), phrase_mask (P,), image_sizes (B, 2))
-Forward = Callable[..., Detections]
 # Per image: boxes (D, 4) xyxy in input pixels, scores (D,), class ids (D,), best first.
 ImageDetections = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -92,23 +89,75 @@ def build_prompt_chunks(
     return chunks
 
 
-@functools.lru_cache(maxsize=8)
-def apply_fn(model: nn.Module) -> ModelFn:
-    """model.apply as a ModelFn; one function object per (equal) model, so
-    make_forward reuses its compiled versions."""
-    return lambda params, *inputs: model.apply({"params": params}, *inputs)
+# forward(params, images (B, H, W, 3), image_sizes (B, 2), chunks) -> per chunk, the
+# batch's Detections as numpy arrays
+Forward = Callable[[Any, np.ndarray, np.ndarray, Sequence[PromptChunk]], list[Detections]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitForward:
+    """A Forward from three jitted parts of the model (one device): the images are
+    encoded once and each chunk's text once, for the whole batch; the head runs per
+    chunk."""
+
+    images: Callable[..., list[jax.Array]]  # (params, images) -> FPN pyramid
+    text: Callable[..., jax.Array]  # (params, input_ids (1, L), attention_mask (1, L)) -> (1, L, D)
+    # (params, pyramid, text, attention_mask (1, L), positive_map (P, L), phrase_mask (P,),
+    #  image_sizes (B, 2), padded_hw) -> Detections
+    detect: Callable[..., Detections]
+
+    def __call__(self, params: Any, images: np.ndarray, image_sizes: np.ndarray,
+                 chunks: Sequence[PromptChunk]) -> list[Detections]:
+        pyramid = self.images(params, images)
+        out = []
+        for chunk in chunks:
+            mask = chunk.attention_mask[None]
+            text = self.text(params, chunk.input_ids[None], mask)
+            dets = self.detect(params, pyramid, text, mask, chunk.positive_map, chunk.phrase_mask, image_sizes,
+                               padded_hw=tuple(images.shape[1:3]))
+            out.append(Detections(*(np.asarray(x) for x in jax.device_get(dets))))
+        return out
 
 
 @functools.lru_cache(maxsize=8)
-def make_forward(model_fn: ModelFn, config_glip: GLIPConfig) -> Forward:
-    """The jitted forward pass plus post-processing; cached, so passing the same
-    model_fn again reuses its compiled versions."""
+def make_forward(model: GLIP) -> SplitForward:
+    """The Forward of `model`; cached, so the same (or an equal) model reuses its
+    compiled parts."""
 
-    def forward(params, images, input_ids, attention_mask, pmap, phrase_mask, image_sizes):
-        outputs = model_fn(params, images, input_ids, attention_mask)
-        return detect(config_glip, outputs, pmap, phrase_mask, image_sizes, images.shape[1:3])
+    def images(params, images):
+        return model.apply({"params": params}, images, method=GLIP.encode_images)[1]
 
-    return jax.jit(forward)
+    def text(params, input_ids, attention_mask):
+        return model.apply({"params": params}, input_ids, attention_mask, method=GLIP.encode_text)
+
+    def detect_(params, pyramid, text, attention_mask, pmap, phrase_mask, image_sizes, padded_hw):
+        batch = pyramid[0].shape[0]
+        text = jnp.broadcast_to(text, (batch,) + text.shape[1:])
+        mask = jnp.broadcast_to(attention_mask, (batch, attention_mask.shape[1]))
+        outputs = model.apply({"params": params}, pyramid, text, mask, method=GLIP.fuse)
+        return detect(model.config, outputs, pmap, phrase_mask, image_sizes, padded_hw)
+
+    return SplitForward(jax.jit(images), jax.jit(text), jax.jit(detect_, static_argnames="padded_hw"))
+
+
+def whole_forward(call: Callable[..., Any]) -> Forward:
+    """A Forward from a function of the whole model, call(params, images, input_ids
+    (B, L), attention_mask (B, L), positive_map, phrase_mask, image_sizes) -> (boxes,
+    scores, labels, valid), such as a jax.export one: every chunk's text is repeated
+    for each image."""
+
+    def forward(params: Any, images: np.ndarray, image_sizes: np.ndarray,
+                chunks: Sequence[PromptChunk]) -> list[Detections]:
+        batch = images.shape[0]
+        out = []
+        for chunk in chunks:
+            ids = np.broadcast_to(chunk.input_ids, (batch, chunk.input_ids.shape[0]))
+            mask = np.broadcast_to(chunk.attention_mask, ids.shape)
+            dets = call(params, images, ids, mask, chunk.positive_map, chunk.phrase_mask, image_sizes)
+            out.append(Detections(*(np.asarray(x) for x in jax.device_get(dets))))
+        return out
+
+    return forward
 
 
 def merge_detections(per_chunk: Sequence[ImageDetections], max_detections: int) -> ImageDetections:
@@ -133,12 +182,8 @@ def detect_chunked(
         raise ValueError("no prompt chunks")
     batch = images.shape[0]
     parts: list[list[ImageDetections]] = [[] for _ in range(batch)]
-    for chunk in chunks:
-        ids = np.broadcast_to(chunk.input_ids, (batch, chunk.input_ids.shape[0]))
-        mask = np.broadcast_to(chunk.attention_mask, ids.shape)
-        dets = jax.device_get(forward(params, images, ids, mask, chunk.positive_map, chunk.phrase_mask, image_sizes))
-        boxes, scores, labels, valid = (np.asarray(x) for x in dets)
+    for chunk, dets in zip(chunks, forward(params, images, image_sizes, chunks)):
         for b in range(batch):
-            keep = valid[b]
-            parts[b].append((boxes[b][keep], scores[b][keep], chunk.category_ids[labels[b][keep] - 1]))
+            keep = dets.valid[b]
+            parts[b].append((dets.boxes[b][keep], dets.scores[b][keep], chunk.category_ids[dets.labels[b][keep] - 1]))
     return [merge_detections(per_chunk, max_detections) for per_chunk in parts]

@@ -39,7 +39,8 @@ from PIL import Image
 
 from glipjax import draw, paths, preprocess, runs, sharding
 from glipjax.data.tokenizer import load_tokenizer
-from glipjax.inference import ImageDetections, Forward, apply_fn, build_prompt_chunks, detect_chunked, make_forward
+from glipjax.inference import (ImageDetections, Forward, build_prompt_chunks, detect_chunked, make_forward,
+                               whole_forward)
 
 DEFAULT_MIN_SCORE = 0.3
 EXPORT_FILE = runs.EXPORT_FILE
@@ -97,7 +98,7 @@ def _exported_forward(run: runs.Run, directory: pathlib.Path) -> tuple[Forward, 
             shapes["text_len"] != run.glip_config.max_text_len:
         return None
     exported = jax.export.deserialize(bytearray((directory / shapes["file"]).read_bytes()))
-    return exported.call, shapes
+    return whole_forward(exported.call), shapes
 
 
 class Predictor:
@@ -114,7 +115,7 @@ class Predictor:
             self.forward, shapes = exported
             self.engine, self.batch, num_phrases = "exported", shapes["batch"], shapes["phrases"]
         else:
-            self.forward = make_forward(apply_fn(run.model), run.glip_config)
+            self.forward = make_forward(run.model)
             self.engine, self.batch, num_phrases = "params", 1, None
         try:
             self.chunks = build_prompt_chunks(self.names, list(range(1, len(names) + 1)), tokenizer, text_len,

@@ -36,21 +36,20 @@ def _initialize_hosts(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
-def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, glip_config: Any,
-              data_dir: epath.Path, pictures: epath.Path | None = None) -> dict[str, float]:
+def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, data_dir: epath.Path,
+              pictures: epath.Path | None = None) -> dict[str, float]:
     """The configured evaluations (today: the shapes splits, with the true prompt and the
     swapped-colour control), flattened as "<split>/<mode>/<metric>". With `pictures`, the
     true-prompt predictions of each split are drawn to <pictures>/predictions_<split>.png."""
     from glipjax.eval.shapes import evaluate_shapes
-    from glipjax.inference import apply_fn
 
     results: dict[str, float] = {}
     max_images = config.eval.max_images or None
     for split in config.eval.splits:
         for mode in config.eval.prompt_modes:
             picture = pictures / f"predictions_{split}.png" if pictures is not None and mode == "true" else None
-            report = evaluate_shapes(apply_fn(model), params, glip_config, config, data_dir, split, mode,
-                                     max_images, progress=False, picture=picture)
+            report = evaluate_shapes(model, params, config, data_dir, split, mode, max_images, progress=False,
+                                     picture=picture)
             for key in ("AP", "AP50", "novel_AP", "novel_AP50"):
                 if key in report:
                     results[f"{split}/{mode}/{key}"] = float(report[key])
@@ -170,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         evaluated = None
         if config.eval.splits and (step == total_steps or (config.eval.every and step % config.eval.every == 0)):
             pictures = workdir if step == total_steps and jax.process_index() == 0 else None
-            evaluated = _evaluate(config, model, state["params"], glip_config, data_dir, pictures)
+            evaluated = _evaluate(config, model, state["params"], data_dir, pictures)
             writer.write(step, evaluated)
         preempted = checkpoint.preemption_requested(step)
         if preempted or step % save_every == 0 or step == total_steps or (best and evaluated):

@@ -129,6 +129,27 @@ def test_detect_shapes(tiny):
     assert boxes[:, [0, 2]].max() <= 59 and boxes[:, [1, 3]].max() <= 49  # clipped to the real size
 
 
+def test_parts_compose_to_the_whole_model(tiny):
+    """encode_images, encode_text and fuse give the whole model's outputs, also when
+    one prompt's text is encoded once and broadcast to the batch (glipjax.inference)."""
+    _, model, params = tiny
+    images, ids, mask, *_ = batch()
+    ids, mask = np.tile(ids[:1], (2, 1)), np.tile(mask[:1], (2, 1))  # one prompt for both images
+    whole = jax.jit(model.apply)({"params": params}, images, ids, mask)
+
+    @jax.jit
+    def parts(params, images, ids, mask):
+        _, pyramid = model.apply({"params": params}, images, method=GLIP.encode_images)
+        text = model.apply({"params": params}, ids[:1], mask[:1], method=GLIP.encode_text)
+        return model.apply({"params": params}, pyramid, jnp.broadcast_to(text, (2,) + text.shape[1:]), mask,
+                           method=GLIP.fuse)
+
+    split = parts(params, images, ids, mask)
+    for key in ("dot_product_logits", "bbox_reg", "centerness"):
+        for a, b in zip(split[key], whole[key]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=key)
+
+
 def test_unpadded_image_is_rejected(tiny):
     _, model, params = tiny
     images, ids, mask, *_ = batch()

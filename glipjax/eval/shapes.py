@@ -30,8 +30,8 @@ from glipjax.data.pipeline import transform_config
 from glipjax.data.builders.shapes import load_split
 from glipjax.data.tokenizer import load_tokenizer
 from glipjax.eval.coco import CocoBoxEvaluator
-from glipjax.inference import ModelFn, build_prompt_chunks, detect_chunked, make_forward
-from glipjax.models.glip import GLIPConfig
+from glipjax.inference import build_prompt_chunks, detect_chunked, make_forward
+from glipjax.models.glip import GLIP
 
 PROMPT_MODES = ("true", "swapped_colors")
 # Each colour -> the next one in shapes.COLORS (cyclic), so no colour maps to itself.
@@ -88,9 +88,8 @@ def _batches(examples, batch_size: int):
 
 
 def evaluate_shapes(
-    model_fn: ModelFn,
+    model: GLIP,
     params: Any,
-    config_glip: GLIPConfig,
     cfg: ml_collections.ConfigDict,
     data_dir: str | os.PathLike,
     split: str,
@@ -106,11 +105,9 @@ def evaluate_shapes(
 ) -> dict[str, Any]:
     """AP of a GLIP model on a shapes split (built under data_dir if needed).
 
-    model_fn(params, images, input_ids, attention_mask) returns the GLIP outputs
-    (e.g. `lambda p, *x: GLIP(config_glip).apply({"params": p}, *x)`); pass the same
-    function each time to reuse the compiled forward. cfg is the demo config (its
-    data.shapes, sizes and tokenizer are read); texts are config_glip.max_text_len
-    tokens and prompt chunks fit prompt_budget tokens (default: the same). Batches of
+Equal models reuse one compiled forward (inference.make_forward). cfg is the
+    demo config (its data.shapes, sizes and tokenizer are read); texts are the
+    model's max_text_len tokens and prompt chunks fit prompt_budget tokens (default: the same). Batches of
     batch_size images (default cfg.data.batch_size; the last one padded) keep one
     compiled shape. Progress lines go to stderr.
 
@@ -124,12 +121,13 @@ def evaluate_shapes(
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be at least 1, got {max_images}")
     batch_size = int(batch_size or cfg.data.batch_size)
+    config_glip = model.config
     text_len = config_glip.max_text_len
     tokenizer = load_tokenizer(cfg.data.tokenizer or None)
     # Phrases padded to all 36 categories: every split and mode shares one compiled shape.
     chunks = build_prompt_chunks(names, [c.id for c in categories], tokenizer, text_len, prompt_budget,
                                  num_phrases=len(shapes.CATEGORIES))
-    forward = make_forward(model_fn, config_glip)
+    forward = make_forward(model)
     max_detections = config_glip.postprocess.max_detections
 
     ds = load_split(cfg.data.shapes, data_dir, split, max_records=max_images)

@@ -121,12 +121,27 @@ class Backbone(nn.Module):
 class GLIP(nn.Module):
     """images (B, H, W, 3) normalised and padded to a multiple of 32, input_ids and
     attention_mask (B, L) -> the head's per-level outputs (see VLDyHead) plus
-    "swin" (C3..C5), "fpn" (P3..P7) and "lang_hidden"."""
+    "swin" (C3..C5), "fpn" (P3..P7) and "lang_hidden".
+
+    The three parts also run alone (`apply(..., method=...)`): encode_images and
+    encode_text do not depend on each other, so a prompt shared by many images is
+    encoded once (glipjax.inference), and fuse runs the head on their outputs."""
 
     config: GLIPConfig
     dtype: Dtype = jnp.float32
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.config
+        self.backbone = Backbone(cfg, self.dtype)
+        self.language_backbone = BertModel(cfg.text, self.dtype, cfg.remat, cfg.scan_layers)
+        if cfg.prompt_tuning:
+            self.prompt_offset = self.param(
+                "prompt_offset", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+                (cfg.max_text_len, cfg.text.hidden_size))
+        head = dataclasses.replace(cfg.head, remat=cfg.remat or cfg.head.remat,
+                                   scan_layers=cfg.scan_layers or cfg.head.scan_layers)
+        self.head = VLDyHead(head, self.dtype)
+
     def __call__(
         self,
         images: jax.Array,
@@ -135,29 +150,35 @@ class GLIP(nn.Module):
         deterministic: bool = True,
         return_intermediates: bool = False,
     ) -> dict[str, Any]:
+        stages, pyramid = self.encode_images(images, deterministic)
+        lang_hidden = self.encode_text(input_ids, attention_mask, deterministic)
+        out = self.fuse(pyramid, lang_hidden, attention_mask, deterministic, return_intermediates)
+        if return_intermediates:
+            out.update(swin=stages[1:], fpn=pyramid, lang_hidden=lang_hidden)
+        return out
+
+    def encode_images(self, images: jax.Array, deterministic: bool = True) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Swin and FPN: ([C2..C5], [P3..P7])."""
         h, w = images.shape[1:3]
         if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
             raise ValueError(f"image size {h}x{w} must be padded to a multiple of {SIZE_DIVISIBILITY}")
-        stages, pyramid = Backbone(self.config, self.dtype, name="backbone")(images, deterministic)
-        lang_hidden = BertModel(self.config.text, self.dtype, self.config.remat, self.config.scan_layers,
-                                name="language_backbone")(
-            input_ids, attention_mask, deterministic=deterministic
-        )
+        return self.backbone(images, deterministic)
+
+    def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True) -> jax.Array:
+        """BERT's last hidden state (B, L, D), plus the prompt-tuning offset."""
+        lang_hidden = self.language_backbone(input_ids, attention_mask, deterministic=deterministic)
         if self.config.prompt_tuning:
             length = input_ids.shape[1]
             if length > self.config.max_text_len:
                 raise ValueError(f"text of {length} tokens exceeds max_text_len {self.config.max_text_len}")
-            offset = self.param("prompt_offset", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
-                                (self.config.max_text_len, self.config.text.hidden_size))
-            lang_hidden = lang_hidden + offset[:length].astype(lang_hidden.dtype)
-        head = dataclasses.replace(self.config.head, remat=self.config.remat or self.config.head.remat,
-                                   scan_layers=self.config.scan_layers or self.config.head.scan_layers)
-        out = VLDyHead(head, self.dtype, name="head")(
-            pyramid, lang_hidden, attention_mask, deterministic, return_intermediates
-        )
-        if return_intermediates:
-            out.update(swin=stages[1:], fpn=pyramid, lang_hidden=lang_hidden)
-        return out
+            lang_hidden = lang_hidden + self.prompt_offset[:length].astype(lang_hidden.dtype)
+        return lang_hidden
+
+    def fuse(self, pyramid: Sequence[jax.Array], lang_hidden: jax.Array, attention_mask: jax.Array,
+             deterministic: bool = True, return_intermediates: bool = False) -> dict[str, Any]:
+        """The head (fusion, towers, alignment) on encode_images' pyramid and
+        encode_text's output, batched alike."""
+        return self.head(list(pyramid), lang_hidden, attention_mask, deterministic, return_intermediates)
 
 
 def detect(
