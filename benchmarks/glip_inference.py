@@ -1,6 +1,6 @@
 """GLIP inference on the CPU (random weights): images/s from a prepared image to merged
-detections, with a short prompt and with the 1203 LVIS classes (chunked), plus
-compile time and peak host memory.
+detections, with a short prompt and with the 1203 LVIS classes (chunked), plus the
+first call's time (it compiles) and peak host memory.
 
   python benchmarks/glip_inference.py [--model glip_t] [--height 800] [--width 1333] [--images 1]
                                       [--prompts short,lvis] [--text-len 256]
@@ -10,8 +10,8 @@ pad to 800x1344); the model is the preset with random weights (GLIP-T: Swin-T an
 random BERT-base). The LVIS class names are read from the copy that
 tensorflow-datasets ships (datasets/lvis/classes.txt, found without importing
 TensorFlow); without that package, 1203 two-word names from the BERT vocabulary stand
-in, and the output says so. Every chunk of a prompt is one forward pass of the whole
-model.
+in, and the output says so. As in predict, the image is encoded once and each chunk's
+text once; the fusion head runs once per chunk.
 """
 
 from __future__ import annotations

@@ -58,7 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(kind="shapes", split="train", prompt="detection", weight=0.8))
     c.data.batch_size = 8  # global; each host reads batch_size / hosts
     c.data.canvas = (96, 96) if tiny else (128, 128)  # (height, width), multiples of 32
-    c.data.short_sides = (64, 80, 96) if tiny else (96, 112, 128)
+    # The default trains at the scale it is evaluated at, the 128 px of the drawn images;
+    # the smaller scales shrank the small shapes (15-22 px) by up to a quarter.
+    # Full runs: validation AP50 0.430 (swapped colours 0.021), novel pairs 0.665,
+    # against 0.354 (0.018), 0.579 with short sides (96, 112, 128).
+    c.data.short_sides = (64, 80, 96) if tiny else (128,)
     c.data.max_size = 96 if tiny else 128
     c.data.eval_short_side = 96 if tiny else 128
     c.data.eval_max_size = 96 if tiny else 128

@@ -4,8 +4,9 @@ swapped-colour control.
 Every image is scored against the full class prompt of its split's categories
 (validation and train: the 30 base pairs; novel: all 36 pairs, so a novel pair is
 found only through the words of the prompt). A prompt longer than the text length
-is split into chunks, one forward pass per chunk, and the per-image detections of the
-chunks are merged (glipjax.inference).
+is split into chunks; each batch of images is encoded once, each chunk's text once,
+the head runs per chunk, and the per-image detections of the chunks are merged
+(glipjax.inference).
 
 prompt_mode "swapped_colors" names each class with another colour (COLOR_SWAP, a
 fixed derangement) while detections still count for the true category, so a model
