@@ -106,11 +106,11 @@ def evaluate_shapes(
 ) -> dict[str, Any]:
     """AP of a GLIP model on a shapes split (built under data_dir if needed).
 
-Equal models reuse one compiled forward (inference.make_forward). cfg is the
+    Equal models reuse one compiled forward (inference.make_forward). cfg is the
     demo config (its data.shapes, sizes and tokenizer are read); texts are the
-    model's max_text_len tokens and prompt chunks fit prompt_budget tokens (default: the same). Batches of
-    batch_size images (default cfg.data.batch_size; the last one padded) keep one
-    compiled shape. Progress lines go to stderr.
+    model's max_text_len tokens and prompt chunks fit prompt_budget tokens (default:
+    the same). Batches of batch_size images (default cfg.data.batch_size; the last
+    one padded) keep one compiled shape. Progress lines go to stderr.
 
     Returns AP and AP50 over the split's categories, novel_AP and novel_AP50 on the
     novel pairs (novel split only), num_images, num_chunks, split and prompt_mode.
