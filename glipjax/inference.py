@@ -23,7 +23,7 @@ import transformers
 
 from glipjax.data.prompts import chunk_classes, class_prompt, positive_map
 from glipjax.data.tokenizer import NUM_SPECIAL_TOKENS, encode
-from glipjax.models.glip import GLIP, detect
+from glipjax.models.glip import GLIP, GLIPConfig, detect
 from glipjax.models.postprocess import Detections
 
 # Per image: boxes (D, 4) xyxy in input pixels, scores (D,), class ids (D,), best first.
@@ -120,9 +120,10 @@ class SplitForward:
 
 
 @functools.lru_cache(maxsize=8)
-def make_forward(model: GLIP) -> SplitForward:
-    """The Forward of `model`; cached, so the same (or an equal) model reuses its
-    compiled parts."""
+def make_forward(model: GLIP, config: GLIPConfig | None = None) -> SplitForward:
+    """The Forward of `model`, post-processing as `config` says (default: the model's
+    own config); cached, so the same (or an equal) model reuses its compiled parts."""
+    config = config or model.config
 
     def images(params, images):
         return model.apply({"params": params}, images, method=GLIP.encode_images)[1]
@@ -135,7 +136,7 @@ def make_forward(model: GLIP) -> SplitForward:
         text = jnp.broadcast_to(text, (batch,) + text.shape[1:])
         mask = jnp.broadcast_to(attention_mask, (batch, attention_mask.shape[1]))
         outputs = model.apply({"params": params}, pyramid, text, mask, method=GLIP.fuse)
-        return detect(model.config, outputs, pmap, phrase_mask, image_sizes, padded_hw)
+        return detect(config, outputs, pmap, phrase_mask, image_sizes, padded_hw)
 
     return SplitForward(jax.jit(images), jax.jit(text), jax.jit(detect_, static_argnames="padded_hw"))
 

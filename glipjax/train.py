@@ -50,7 +50,7 @@ def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, data_
             picture = pictures / f"predictions_{split}.png" if pictures is not None and mode == "true" else None
             report = evaluate_shapes(model, params, config, data_dir, split, mode, max_images, progress=False,
                                      picture=picture)
-            for key in ("AP", "AP50", "novel_AP", "novel_AP50"):
+            for key in ("AP", "AP50", "novel_AP", "novel_AP50", "found", "color_right", "shape_right"):
                 if key in report:
                     results[f"{split}/{mode}/{key}"] = float(report[key])
     return results

@@ -26,7 +26,7 @@ from glipjax.data.prompts import class_prompt, positive_map
 from glipjax.data.tokenizer import encode, load_tokenizer
 from glipjax.eval.coco import STAT_NAMES, CocoBoxEvaluator, xyxy_to_xywh
 from glipjax.eval.shapes import (
-    COLOR_SWAP, _eval_examples, build_prompt_chunks, detect_chunked, evaluate_shapes,
+    COLOR_SWAP, AttributeTally, _eval_examples, build_prompt_chunks, detect_chunked, evaluate_shapes,
     make_forward, prompt_names,
 )
 from glipjax.models.bert import BertConfig
@@ -132,6 +132,24 @@ def test_swapped_colour_prompt_is_a_derangement_keeping_shapes():
         prompt_names(shapes.CATEGORIES, "shuffled")
 
 
+def test_attribute_tally_counts_found_objects_and_their_best_detection():
+    red_circle, red_square, blue_circle = (shapes.CATEGORY_BY_NAME[n] for n in ("red circle", "red square",
+                                                                                 "blue circle"))
+    tally = AttributeTally()
+    gt = np.array([[0, 0, 9, 9], [20, 20, 39, 39], [60, 60, 69, 69]], np.float32)
+    labels = np.array([red_circle.id, red_square.id, blue_circle.id])
+    boxes = np.array([
+        [0, 0, 9, 9], [0, 0, 9, 10],  # object 0: the best (0.9) is a red square, the other right
+        [22, 22, 39, 39],  # object 1: IoU 0.81, a blue circle
+        [64, 64, 73, 73],  # object 2: IoU 36/164, not found
+    ], np.float32)
+    tally.add_image(gt, labels, boxes, np.array([0.9, 0.5, 0.7, 0.99]),
+                    np.array([red_square.id, red_circle.id, blue_circle.id, blue_circle.id]))
+    tally.add_image(gt[:1], labels[:1], np.zeros((0, 4), np.float32), np.zeros(0), np.zeros(0, np.int64))
+    assert tally.result() == {"found": 2 / 4, "color_right": 1 / 2, "shape_right": 0 / 2}
+    assert all(np.isnan(v) for v in AttributeTally().result().values())
+
+
 # ---------------------------------------------------------------- tiny GLIP end to end
 
 BATCH = 4
@@ -161,7 +179,7 @@ def test_evaluate_shapes_end_to_end(setup):
     novel = evaluate_shapes(model, params, cfg, data_dir, "novel", max_images=BATCH,
                             batch_size=BATCH, progress=False)
     assert novel["num_images"] == BATCH and novel["num_chunks"] >= 2  # 36 classes exceed 64 tokens
-    for key in ("AP", "AP50", "novel_AP", "novel_AP50"):
+    for key in ("AP", "AP50", "novel_AP", "novel_AP50", "found"):
         assert np.isfinite(novel[key]) and 0.0 <= novel[key] <= 1.0, key
     # Three images in a batch of four: the padded batch reuses the compiled shape.
     swapped = evaluate_shapes(model, params, cfg, data_dir, "validation", "swapped_colors",

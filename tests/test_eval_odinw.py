@@ -80,14 +80,15 @@ class Oracle:
                 labels = [order.index(a["category_id"]) + 1 for a in anns]
                 self.truth[example["image"].tobytes()] = (boxes, labels)
 
-    def __call__(self, images, input_ids, attention_mask, pmap, phrase_mask, image_sizes):
+    def detect_chunks(self, images, image_sizes, chunks):
+        assert len(chunks) == 1
         out = Detections(np.zeros((len(images), 100, 4), np.float32), np.zeros((len(images), 100), np.float32),
                          np.zeros((len(images), 100), np.int32), np.zeros((len(images), 100), bool))
         for b, image in enumerate(images):
             boxes, labels = self.truth.get(image.tobytes(), (np.zeros((0, 4)), []))  # padding: nothing
             n = len(labels)
             out.boxes[b, :n], out.labels[b, :n], out.scores[b, :n], out.valid[b, :n] = boxes, labels, 0.9, True
-        return out
+        return [out]
 
 
 def test_oracle_scores_one_and_a_misplaced_set_halves_the_mean(setup):
@@ -189,7 +190,28 @@ def test_report_equals_pycocotools_on_the_same_detections(setup, detector):
     assert sizes3 == [3]
     for a, b in zip(dataclasses.astuple(first), dataclasses.astuple(found)):
         np.testing.assert_allclose(a, b[:3], rtol=1e-6, atol=1e-4)
-    assert detector._forward._cache_size() == 1  # one compiled shape for every batch
+    split = detector._split  # one compiled shape for every batch
+    assert [f._cache_size() for f in (split.images, split.text, split.detect)] == [1, 1, 1]
+
+
+def test_chunks_equal_the_whole_model_with_each_chunk_per_row(setup, detector):
+    cfg, root, files, data = setup
+    path = files["alpha"]
+    ds, _, _ = datasets.open_records("coco", data, path, path.parent)
+    examples = list(tfds.as_numpy(datasets._examples(ds, data.transform)))[:BATCH]
+    images = datasets.pad_rows([e["image"] for e in examples], BATCH)
+    sizes = datasets.pad_rows([e["image_size"].astype(np.int32) for e in examples], BATCH)
+    chunks = datasets.class_chunks([c.name for c in shapes.CATEGORIES], [c.id for c in shapes.CATEGORIES],
+                                   data.tokenizer, 64)
+    assert len(chunks) >= 2
+    for chunk, split in zip(chunks, detector.detect_chunks(images, sizes, chunks)):
+        rows = [np.broadcast_to(x, (BATCH,) + x.shape)
+                for x in (chunk.input_ids, chunk.attention_mask, chunk.positive_map, chunk.phrase_mask)]
+        whole = detector(images, *rows, sizes)
+        np.testing.assert_array_equal(split.valid, whole.valid)
+        np.testing.assert_array_equal(split.labels[split.valid], whole.labels[whole.valid])
+        np.testing.assert_allclose(split.scores[split.valid], whole.scores[whole.valid], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(split.boxes[split.valid], whole.boxes[whole.valid], atol=1e-3)
 
 
 def test_class_chunks_share_a_phrase_bucket(setup):

@@ -105,6 +105,7 @@ CATEGORIES: tuple[Category, ...] = tuple(
     for si, shape in enumerate(SHAPES)
 )
 CATEGORY_BY_NAME: dict[str, Category] = {c.name: c for c in CATEGORIES}
+CATEGORY_BY_ID: dict[int, Category] = {c.id: c for c in CATEGORIES}
 BASE_CATEGORIES: tuple[Category, ...] = tuple(c for c in CATEGORIES if not c.novel)
 NOVEL_CATEGORIES: tuple[Category, ...] = tuple(c for c in CATEGORIES if c.novel)
 

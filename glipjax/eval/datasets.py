@@ -9,8 +9,10 @@ from the records (boxes with identical spans form a phrase).
 
 Prompts: detection sets use the full class prompt, split into chunks that fit the
 text length (and, with classes_per_chunk, hold at most that many classes, as the
-reference's 40-class LVIS chunks); one forward pass per chunk, merged per image to
-the best max_detections. Grounding sets ask each caption for its own phrases.
+reference's 40-class LVIS chunks). Each batch's images are encoded once and each
+chunk's text once, the head runs per chunk (glipjax.inference), and the chunks'
+detections are merged per image to the best max_detections. Grounding sets ask each
+caption for its own phrases, one whole forward pass per batch of queries.
 
 Devices and hosts: every process reads its own contiguous part of the set (the
 parts differ by at most one record) and runs it in fixed-size batches on its own
@@ -44,7 +46,7 @@ from glipjax.eval.coco import coco_box_metrics
 from glipjax.eval.flickr import FlickrRecallEvaluator, group_phrases
 from glipjax.eval.hosts import Progress, gather, host_bounds
 from glipjax.eval.lvis import MAX_PER_IMAGE, TOP_PER_CLASS, LvisEvaluator
-from glipjax.inference import PromptChunk, build_prompt_chunks
+from glipjax.inference import PromptChunk, build_prompt_chunks, make_forward
 from glipjax.models.glip import GLIP, GLIPConfig, detect
 from glipjax.models.postprocess import Detections
 
@@ -57,10 +59,13 @@ PHRASE_BUCKET = 16  # class prompts are padded to a multiple of this many phrase
 
 
 class Detector:
-    """The jitted GLIP forward pass plus post-processing on a process-local mesh:
-    host batches in (images (B, H, W, 3), input_ids and attention_mask (B, L),
-    positive_map (B, P, L), phrase_mask (B, P), image_sizes (B, 2)), Detections as
-    numpy arrays out. B is fixed (`batch_size`), a multiple of the mesh's batch shards."""
+    """The jitted GLIP forward pass plus post-processing on a process-local mesh.
+
+    Called with host batches of per-row prompts (images (B, H, W, 3), input_ids and
+    attention_mask (B, L), positive_map (B, P, L), phrase_mask (B, P), image_sizes
+    (B, 2)), it returns Detections as numpy arrays; `detect_chunks` runs a batch of
+    images against every chunk of one class prompt. B is fixed (`batch_size`), a
+    multiple of the mesh's batch shards."""
 
     def __init__(self, model: GLIP, glip_config: GLIPConfig, params: Any, mesh: jax.sharding.Mesh,
                  rules: Sequence[Sequence[Any]] = sharding.DEFAULT_RULES, *, batch_size: int,
@@ -85,16 +90,29 @@ class Detector:
             return detect(glip_config, outputs, pmap, phrase_mask, image_sizes, images.shape[1:3])
 
         self._forward = jax.jit(forward, out_shardings=self.batch_sharding)
+        self._split = make_forward(model, glip_config)
+
+    def _check_rows(self, *inputs: np.ndarray) -> None:
+        if any(len(x) != self.batch_size for x in inputs):
+            raise ValueError(f"every input needs {self.batch_size} rows, got {[len(x) for x in inputs]}")
 
     def __call__(self, images: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
                  pmap: np.ndarray, phrase_mask: np.ndarray, image_sizes: np.ndarray) -> Detections:
         batch = (images, input_ids, attention_mask, pmap, phrase_mask, image_sizes)
-        if any(len(x) != self.batch_size for x in batch):
-            raise ValueError(f"every input needs {self.batch_size} rows, got {[len(x) for x in batch]}")
+        self._check_rows(*batch)
         placed = jax.device_put(batch, self.batch_sharding)
         with sharding.sharding_context(self.mesh, self.rules):
             out = self._forward(self.params, *placed)
         return Detections(*(np.asarray(x) for x in jax.device_get(out)))
+
+    def detect_chunks(self, images: np.ndarray, image_sizes: np.ndarray,
+                      chunks: Sequence[PromptChunk]) -> list[Detections]:
+        """The Detections of each chunk: the images are encoded once, each chunk's text
+        once, and the head runs per chunk."""
+        self._check_rows(images, image_sizes)
+        placed = jax.device_put((images, image_sizes), self.batch_sharding)
+        with sharding.sharding_context(self.mesh, self.rules):
+            return self._split(self.params, *placed, chunks)
 
 
 def _axes(target: Any) -> tuple[str, ...]:
@@ -231,12 +249,8 @@ def detect_set(detector: Detector, data: EvalData, chunks: Sequence[PromptChunk]
     for batch in batches(tfds.as_numpy(_examples(ds, data.transform)), batch_size):
         images = pad_rows([e["image"] for e in batch], batch_size)
         image_sizes = pad_rows([e["image_size"].astype(np.int32) for e in batch], batch_size)
-        per_chunk = []
-        for chunk in chunks:
-            text = [np.broadcast_to(x, (batch_size,) + x.shape)
-                    for x in (chunk.input_ids, chunk.attention_mask, chunk.positive_map, chunk.phrase_mask)]
-            dets = detector(images, *text, image_sizes)
-            per_chunk.append((dets.boxes, dets.scores, chunk.category_ids[np.maximum(dets.labels - 1, 0)], dets.valid))
+        per_chunk = [(dets.boxes, dets.scores, chunk.category_ids[np.maximum(dets.labels - 1, 0)], dets.valid)
+                     for chunk, dets in zip(chunks, detector.detect_chunks(images, image_sizes, chunks))]
         all_boxes, all_scores, all_labels, all_valid = (np.concatenate(x, axis=1) for x in zip(*per_chunk))
         order = np.argsort(-np.where(all_valid, all_scores, -np.inf), axis=1, kind="stable")[:, :keep]
         for b, example in enumerate(batch):

@@ -1,5 +1,6 @@
 """AP on the shapes dataset: held-out images, novel colour-shape pairs, and the
-swapped-colour control.
+swapped-colour control, and how often the best detection on an object names its
+colour and its shape.
 
 Every image is scored against the full class prompt of its split's categories
 (validation and train: the 30 base pairs; novel: all 36 pairs, so a novel pair is
@@ -11,6 +12,10 @@ the head runs per chunk, and the per-image detections of the chunks are merged
 prompt_mode "swapped_colors" names each class with another colour (COLOR_SWAP, a
 fixed derangement) while detections still count for the true category, so a model
 that reads the colour words falls far below its "true" figure.
+
+Beside AP, AttributeTally says where the errors are: the share of objects found (some
+detection at IoU >= 0.5) and, of those, how often the best-scoring such detection has
+the object's colour and its shape.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from glipjax.data.pipeline import transform_config
 from glipjax.data.builders.shapes import load_split
 from glipjax.data.tokenizer import load_tokenizer
 from glipjax.eval.coco import CocoBoxEvaluator
+from glipjax.eval.flickr import box_iou
 from glipjax.inference import build_prompt_chunks, detect_chunked, make_forward
 from glipjax.models.glip import GLIP
 
@@ -54,6 +60,38 @@ def prompt_names(categories: Sequence[shapes.Category], prompt_mode: str) -> lis
     if prompt_mode == "swapped_colors":
         return [f"{COLOR_SWAP[c.color]} {c.shape}" for c in categories]
     raise ValueError(f"Unknown prompt_mode {prompt_mode!r}; choose one of {PROMPT_MODES}")
+
+
+class AttributeTally:
+    """Counts, over ground-truth objects, whether some detection overlaps the object at
+    IoU >= iou_threshold ("found") and whether the best-scoring one names the object's
+    colour and its shape. Boxes are xyxy in the +1 pixel convention."""
+
+    def __init__(self, iou_threshold: float = 0.5):
+        self.iou_threshold = iou_threshold
+        self.objects = self.found = self.color_right = self.shape_right = 0
+
+    def add_image(self, gt_boxes: np.ndarray, gt_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                  labels: np.ndarray) -> None:
+        self.objects += len(gt_boxes)
+        if len(gt_boxes) == 0 or len(boxes) == 0:
+            return
+        for gt_label, hit in zip(gt_labels, box_iou(gt_boxes, boxes) >= self.iou_threshold):
+            if not hit.any():
+                continue
+            truth = shapes.CATEGORY_BY_ID[int(gt_label)]
+            best = shapes.CATEGORY_BY_ID[int(labels[hit][np.argmax(scores[hit])])]
+            self.found += 1
+            self.color_right += best.color == truth.color
+            self.shape_right += best.shape == truth.shape
+
+    def result(self) -> dict[str, float]:
+        """found: found objects / objects; color_right, shape_right: / found objects (NaN if none)."""
+        def share(count: int, total: int) -> float:
+            return count / total if total else float("nan")
+
+        return {"found": share(self.found, self.objects), "color_right": share(self.color_right, self.found),
+                "shape_right": share(self.shape_right, self.found)}
 
 
 def _eval_examples(ds: tf.data.Dataset, tcfg: transforms.TransformConfig) -> tf.data.Dataset:
@@ -113,7 +151,8 @@ def evaluate_shapes(
     one padded) keep one compiled shape. Progress lines go to stderr.
 
     Returns AP and AP50 over the split's categories, novel_AP and novel_AP50 on the
-    novel pairs (novel split only), num_images, num_chunks, split and prompt_mode.
+    novel pairs (novel split only), found, color_right and shape_right (AttributeTally),
+    num_images, num_chunks, split and prompt_mode.
     With `picture`, the first picture_images images are drawn to that PNG with their
     detections scoring at least picture_min_score.
     """
@@ -135,6 +174,7 @@ def evaluate_shapes(
     total = int(ds.cardinality())
     examples = tfds.as_numpy(_eval_examples(ds, transform_config(cfg.data)))
     evaluator = CocoBoxEvaluator([(c.id, c.name) for c in shapes.CATEGORIES])
+    tally = AttributeTally()
     names_by_id = {c.id: name for c, name in zip(categories, names)}
     drawn: list[Any] = []
     start = last_report = time.monotonic()
@@ -159,6 +199,7 @@ def evaluate_shapes(
                 example["image_id"], example["gt_boxes"], example["gt_labels"],
                 boxes * scale, scores, labels, height=oh, width=ow,
             )
+            tally.add_image(example["gt_boxes"], example["gt_labels"], boxes * scale, scores, labels)
         done += count
         now = time.monotonic()
         if progress and (now - last_report > 10.0 or done == total):
@@ -181,4 +222,5 @@ def evaluate_shapes(
     if split == "novel":
         novel = evaluator.result([c.id for c in shapes.NOVEL_CATEGORIES])
         report.update(novel_AP=novel["AP"], novel_AP50=novel["AP50"])
+    report.update(tally.result())
     return report
