@@ -101,6 +101,14 @@ def golden_files() -> list[pathlib.Path]:
     return files
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding slow tests first (a stable sort): pytest-xdist with --dist
+    loadfile hands out whole files in this order, so the longest start early instead
+    of leaving one worker busy alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def session_root(tmp_path_factory, worker_id: str) -> pathlib.Path:
     """The temp folder of the whole test session (shared by pytest-xdist's workers)."""
     root = tmp_path_factory.getbasetemp()

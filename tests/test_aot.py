@@ -128,6 +128,7 @@ def fsdp4_run(tmp_path_factory):
     return result, json.loads(out.read_text()) if out.exists() else None
 
 
+@pytest.mark.slow
 def test_aot_per_device_params_fall_as_one_over_fsdp(fsdp4_run):
     result, report = fsdp4_run
     assert report is not None, result.stderr[-3000:]

@@ -68,6 +68,7 @@ def test_published_parameter_counts():
     assert abs(total("glip_t_a") - 151.4e6) / 151.4e6 < 0.01
 
 
+@pytest.mark.slow
 def test_tiny_forward_backward(tiny):
     config, model, params = tiny
     images, ids, mask, boxes, gt_mask, pmap = batch()

@@ -227,6 +227,7 @@ def test_glip_params_are_sharded(glip_setup):
     assert device_bytes(params, jax.devices()[0]) == expected
 
 
+@pytest.mark.slow
 def test_sharded_steps_match_one_device(glip_setup):
     config, model, tx, mesh, rules, params, opt_state, init, args = glip_setup
     step = train_step_fn(model, config, tx)
