@@ -195,11 +195,12 @@ def evaluate_shapes(
                     [names_by_id[int(label)] for label in labels[shown]], scores[shown]))
             (rh, rw), (oh, ow) = example["image_size"], example["original_size"]
             scale = np.asarray([ow / rw, oh / rh, ow / rw, oh / rh])
+            original = boxes * scale
             evaluator.add_image(
                 example["image_id"], example["gt_boxes"], example["gt_labels"],
-                boxes * scale, scores, labels, height=oh, width=ow,
+                original, scores, labels, height=oh, width=ow,
             )
-            tally.add_image(example["gt_boxes"], example["gt_labels"], boxes * scale, scores, labels)
+            tally.add_image(example["gt_boxes"], example["gt_labels"], original, scores, labels)
         done += count
         now = time.monotonic()
         if progress and (now - last_report > 10.0 or done == total):
