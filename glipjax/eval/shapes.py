@@ -74,8 +74,6 @@ class AttributeTally:
     def add_image(self, gt_boxes: np.ndarray, gt_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                   labels: np.ndarray) -> None:
         self.objects += len(gt_boxes)
-        if len(gt_boxes) == 0 or len(boxes) == 0:
-            return
         for gt_label, hit in zip(gt_labels, box_iou(gt_boxes, boxes) >= self.iou_threshold):
             if not hit.any():
                 continue
