@@ -167,6 +167,26 @@ def load_run(path: str | os.PathLike, *, ema: bool = False, step: int | None = N
     if not exported and not (directory / CHECKPOINTS_DIR).is_dir():
         raise RunError(f"{directory} has neither {CHECKPOINTS_DIR}/ (a training workdir) nor "
                        f"{EXPORT_FILE} (an export)")
+    # What the directory holds is checked first: building the model takes seconds.
+    if exported:
+        info = json.loads((directory / EXPORT_FILE).read_text())
+        if ema and not info["ema"]:
+            raise RunError(f"{directory} was exported without --ema; it holds the raw params only")
+        if step is not None and step != info["step"]:
+            raise RunError(f"{directory} was exported from step {info['step']}, not {step}")
+        step, params_dir = int(info["step"]), directory / PARAMS_DIR
+        stored, where, key = _metadata(params_dir), str(params_dir), None
+    else:
+        step = _training_step(directory, step)
+        state_dir = directory / CHECKPOINTS_DIR / str(step) / STATE_ITEM
+        stored, key = _metadata(state_dir), "ema" if ema else "params"
+        if ema and (not config.optim.get("ema_decay") or not stored.get("ema")):
+            raise RunError(f"{directory} keeps no EMA params (optim.ema_decay is "
+                           f"{config.optim.get('ema_decay')}); load its params without ema")
+        if key not in stored:
+            raise RunError(f"{state_dir} holds no '{key}' (is it a glipjax training state?)")
+        stored, where, params_dir = stored[key], f"{state_dir} ({key})", state_dir
+
     model_config = config
     if exported and (directory / TEXT_ENCODER_DIR).is_dir():
         model_config = config.copy_and_resolve_references()
@@ -179,28 +199,8 @@ def load_run(path: str | os.PathLike, *, ema: bool = False, step: int | None = N
     rules = sharding.rules_from_config(config)
     tx, _ = train_state.make_tx(config)
     abstract = train_state.abstract_state(config, model, tx, mesh, rules)["params"]
-
-    if exported:
-        info = json.loads((directory / EXPORT_FILE).read_text())
-        if ema and not info["ema"]:
-            raise RunError(f"{directory} was exported without --ema; it holds the raw params only")
-        if step is not None and step != info["step"]:
-            raise RunError(f"{directory} was exported from step {info['step']}, not {step}")
-        params_dir = directory / PARAMS_DIR
-        stored = _metadata(params_dir)
-        check_params_match(abstract, stored, config, str(params_dir))
-        params = _restore(params_dir, _with_dtypes(abstract, stored))
-        return Run(config, model, glip_config, params, int(info["step"]), mesh)
-
-    step = _training_step(directory, step)
-    state_dir = directory / CHECKPOINTS_DIR / str(step) / STATE_ITEM
-    stored = _metadata(state_dir)
-    key = "ema" if ema else "params"
-    if ema and (not config.optim.get("ema_decay") or not stored.get("ema")):
-        raise RunError(f"{directory} keeps no EMA params (optim.ema_decay is {config.optim.get('ema_decay')}); "
-                       "load its params without ema")
-    if key not in stored:
-        raise RunError(f"{state_dir} holds no '{key}' (is it a glipjax training state?)")
-    check_params_match(abstract, stored[key], config, f"{state_dir} ({key})")
-    params = _restore(state_dir, {key: _with_dtypes(abstract, stored[key])})[key]
+    check_params_match(abstract, stored, config, where)
+    abstract = _with_dtypes(abstract, stored)
+    restored = _restore(params_dir, {key: abstract} if key else abstract)
+    params = restored[key] if key else restored
     return Run(config, model, glip_config, params, step, mesh)
