@@ -24,6 +24,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO.parent / "shared" / "golden"
 
 
+# The training runs of the tests that need no pretrained text encoder: the tiny GLIP
+# with a random BERT for this many steps. Sharing the settings that shape the step
+# (model, batch, steps: the schedule's boundaries are constants of the program) lets
+# the session's compilation cache turn every run's compile after the first into a load.
+TRAIN_STEPS = 6
+SMALL_TRAIN = ("--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
+               f"--config.train.steps={TRAIN_STEPS}")
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of a child process: this one's, on one CPU device, plus `extra`."""
     return dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS, **extra)
@@ -125,6 +134,9 @@ def compilation_cache(tmp_path_factory, worker_id) -> pathlib.Path:
     folder = session_root(tmp_path_factory, worker_id) / "xla_cache"
     folder.mkdir(exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    # Children also cache their quick compiles (evaluation's small programs). This
+    # process keeps jax's default: jax read the variable when it was imported.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, child_env, train_in_child
+from conftest import REPO, SMALL_TRAIN, TRAIN_STEPS, child_env, train_in_child
 from glipjax import phrases, pseudo_label
 from glipjax.config import load_config
 from glipjax.data.builders import common
@@ -169,10 +169,8 @@ def test_pseudo_label_source_trains_in_the_mix(labelled, tmp_path):
     workdir = tmp_path / "student"
     metrics = train_in_child(CONFIG + ":tiny_student", workdir,
                              f"--config.data.sources.pseudo.annotations={out / 'pseudo_labels.jsonl'}",
-                             "--config.data.sources.pseudo.weight=0.6", "--config.train.steps=3",
-                             "--config.eval.splits=()", "--config.model.text_encoder=",
-                             "--config.model.fusion_embed_dim=64")
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+                             "--config.data.sources.pseudo.weight=0.6", "--config.eval.splits=()", *SMALL_TRAIN)
+    assert [m["step"] for m in metrics] == list(range(1, TRAIN_STEPS + 1))
     assert all(np.isfinite(m["loss"]) and m["positives"] > 0 for m in metrics)
 
     from glipjax.data.pipeline import DataLoader

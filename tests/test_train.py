@@ -15,13 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import child_env
+from conftest import SMALL_TRAIN, TRAIN_STEPS as STEPS, child_env
 from glipjax.checkpoint import load_params
 
-STEPS = 6
 OVERRIDES = [
-    f"--config.train.steps={STEPS}", "--config.checkpoint.save_every=100", "--config.checkpoint.keep=1",
-    "--config.model.text_encoder=", "--config.model.fusion_embed_dim=64",
+    *SMALL_TRAIN, "--config.checkpoint.save_every=100", "--config.checkpoint.keep=1",
     # Evaluation every 2 steps; the lowest AP is "best" so that it is rarely the latest.
     "--config.eval.every=2", '--config.eval.splits=("validation",)', '--config.eval.prompt_modes=("true",)',
     "--config.checkpoint.best_metric=validation/true/AP", "--config.checkpoint.best_mode=min",
@@ -32,11 +30,6 @@ METRIC = "validation/true/AP"
 def _command(workdir: pathlib.Path) -> list[str]:
     return [sys.executable, "-m", "glipjax.train", "--config", "configs/demo.py:tiny",
             "--workdir", str(workdir), *OVERRIDES]
-
-
-def _env(cache: pathlib.Path) -> dict[str, str]:
-    # One cheap compilation shared by the three runs through JAX's persistent cache.
-    return child_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def _logged(workdir: pathlib.Path) -> list[dict]:
@@ -70,7 +63,7 @@ def _final_params(workdir: pathlib.Path):
 
 @pytest.mark.slow
 def test_sigterm_resume_matches_uninterrupted_run(tmp_path, repo_root):
-    env = _env(tmp_path / "jax_cache")
+    env = child_env()  # the session's compilation cache: the three runs compile the step once
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     done = subprocess.run(_command(full), cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
