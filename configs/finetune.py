@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tokenizer = ""
     c.data.shuffle_buffer = 1000
     c.data.num_negative_captions = 0
+    # Detection prompts: probability of drawing every class as a negative (else 1..all).
+    c.data.full_negative_prob = 0.5  # the reference's
 
     # Must match the init checkpoint's model.
     c.model = ml_collections.ConfigDict()

@@ -83,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 1000
     # Caption negatives are the reference's packing for pseudo-labelled captions only.
     c.data.num_negative_captions = 20 if variant == "cap4m" else 0
+    # Detection prompts: probability of drawing every class as a negative (else 1..all).
+    c.data.full_negative_prob = 0.5  # the reference's
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "glip_t"

@@ -141,6 +141,26 @@ def test_detection_and_caption_prompts_differ(batches):
     assert all((row == period).sum() >= 1 for row in detections)
 
 
+def test_full_negative_prob_sets_how_many_classes_a_detection_prompt_draws():
+    names = [f"{color} {shape}" for color in ("red", "blue", "green") for shape in ("circle", "square")]
+
+    def prompt_lengths(full_negative_prob):
+        encode = pipeline.PromptEncoder(None, 64, full_negative_prob).bind("detection", names)
+        lengths = []
+        for seed in range(20):
+            _, mask, pmap, kept, dropped = encode(b"", np.array([b"red circle"]), np.zeros((1, 2), np.int64),
+                                                  np.ones(1, np.int64), [], np.array([seed, 7], np.int64))
+            assert kept.tolist() == [0] and dropped == 0 and pmap.sum() > 0
+            lengths.append(int(mask.sum()))
+        return lengths
+
+    # Six classes of 2 words + ". " fit in 64 tokens: at 1 every prompt names all six.
+    assert set(prompt_lengths(1.0)) == {2 + 6 * 3 - 1}
+    assert min(prompt_lengths(0.0)) < 2 + 6 * 3 - 1  # at 0 the count is always drawn from 1..6
+    with pytest.raises(ValueError, match="full_negative_prob must be in"):
+        pipeline.PromptEncoder(None, 64, 1.5)
+
+
 def test_global_arrays_are_sharded_over_the_data_axes(data_dir):
     assert jax.device_count() == 8
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})

@@ -28,7 +28,9 @@ c.data.shuffle_buffer x image file size plus two host batches.
 Config (c.data): sources (named entries: kind, weight, prompt, split and the kind's
 paths/options for glipjax.data.builders.common.load_source), batch_size (global),
 canvas, short_sides, max_size, eval_short_side, eval_max_size, flip_prob, max_boxes,
-max_text_len, tokenizer, shuffle_buffer, num_negative_captions; c.seed.
+max_text_len, tokenizer, shuffle_buffer, num_negative_captions, full_negative_prob
+(detection prompts: the probability of drawing every class as a negative; default the
+reference's); c.seed.
 
 Batch fields: images (B, H, W, 3) float32, input_ids / attention_mask (B, L) int32,
 gt_boxes (B, G, 4) float32 (xyxy, +1 convention, input pixels), gt_mask (B, G) bool,
@@ -292,7 +294,8 @@ def build_dataset(
         raise ValueError(f"data.batch_size {data.batch_size} is not divisible by {process_count} processes.")
     local_batch = data.batch_size // process_count
     sources = open_sources(cfg, data_dir, process_index=process_index, process_count=process_count)
-    encoder = PromptEncoder(data.tokenizer or None, data.max_text_len)
+    encoder = PromptEncoder(data.tokenizer or None, data.max_text_len,
+                            data.get("full_negative_prob", prompts.FULL_NEGATIVE_PROB))
     tcfg = transform_config(data)
     streams = [
         _source_stream(s, i, encoder, tcfg, seed=cfg.seed, training=training,
@@ -404,9 +407,13 @@ class PromptEncoder:
     class in order. Boxes whose spans map to no token are dropped as well.
     """
 
-    def __init__(self, tokenizer_name: str | None, max_len: int):
+    def __init__(self, tokenizer_name: str | None, max_len: int,
+                 full_negative_prob: float = prompts.FULL_NEGATIVE_PROB):
+        if not 0.0 <= full_negative_prob <= 1.0:
+            raise ValueError(f"data.full_negative_prob must be in [0, 1], got {full_negative_prob}")
         self.tokenizer = tokenizer.load_tokenizer(tokenizer_name)
         self.max_len = int(max_len)
+        self.full_negative_prob = float(full_negative_prob)
 
     def bind(self, prompt: str, class_names: Sequence[str]) -> Callable[..., tuple[np.ndarray, ...]]:
         """The numpy function (caption, categories, span_values, span_lengths,
@@ -434,7 +441,8 @@ class PromptEncoder:
                     caption, box_spans, others, rng, self.tokenizer, self.max_len)
             elif prompt == "detection":
                 text, box_spans, _ = prompts.detection_to_grounding(
-                    labels, names, rng, self.tokenizer, self.max_len)
+                    labels, names, rng, self.tokenizer, self.max_len,
+                    full_negative_prob=self.full_negative_prob)
             else:
                 text, spans = fixed
                 box_spans = [[spans[label]] for label in labels]
