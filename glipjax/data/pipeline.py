@@ -294,6 +294,7 @@ def build_dataset(
         raise ValueError(f"data.batch_size {data.batch_size} is not divisible by {process_count} processes.")
     local_batch = data.batch_size // process_count
     sources = open_sources(cfg, data_dir, process_index=process_index, process_count=process_count)
+    # Configs saved before data.full_negative_prob existed used the reference's value.
     encoder = PromptEncoder(data.tokenizer or None, data.max_text_len,
                             data.get("full_negative_prob", prompts.FULL_NEGATIVE_PROB))
     tcfg = transform_config(data)
@@ -407,8 +408,7 @@ class PromptEncoder:
     class in order. Boxes whose spans map to no token are dropped as well.
     """
 
-    def __init__(self, tokenizer_name: str | None, max_len: int,
-                 full_negative_prob: float = prompts.FULL_NEGATIVE_PROB):
+    def __init__(self, tokenizer_name: str | None, max_len: int, full_negative_prob: float):
         if not 0.0 <= full_negative_prob <= 1.0:
             raise ValueError(f"data.full_negative_prob must be in [0, 1], got {full_negative_prob}")
         self.tokenizer = tokenizer.load_tokenizer(tokenizer_name)
