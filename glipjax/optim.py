@@ -19,8 +19,8 @@ warms up linearly from `warmup_factor` x lr over `warmup_steps` and is multiplie
 `decay_gamma` at each fraction of training in `decay_milestones`. With
 `grad_accum_steps` k > 1, k calls average their gradients into one update.
 
-A call whose gradients (or `loss=`, when given) hold a NaN or inf changes neither the
-params nor the optimizer state; `bad_step_counts(opt_state)` gives the consecutive and
+A call whose trainable gradients (or `loss=`, when given) hold a NaN or inf changes
+neither the params nor the optimizer state; `bad_step_counts(opt_state)` gives the consecutive and
 total number of such calls for the trainer to act on.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,6 @@ PyTree = Any
 ALWAYS_FROZEN = (r"^head/cls_logits/",)  # unused: its loss weight is 0
 TEXT_PREFIX = "language_backbone/"
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.AdamW defaults
-_NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)  # apply_if_finite never accepts a bad step
 _NORM_MODULE = re.compile(r"(?i)norm|^bn$|^gn$")
 
 
@@ -175,17 +174,40 @@ def _adamw_group(schedule: optax.Schedule, lr_factor: float, weight_decay: float
     )
 
 
-def _skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """optax.apply_if_finite that never gives up and also rejects a non-finite `loss=`."""
-    guarded = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+def _clip_and_skip_nonfinite(inner: optax.GradientTransformation, trainable: Callable[[PyTree], PyTree],
+                             clip_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`inner` on gradients clipped to global L2 norm `clip_norm` (0: unclipped), both
+    over the `trainable` leaves only. A call whose norm or `loss=` is NaN or inf returns
+    zero updates and leaves `inner`'s state as it was; the state (optax's
+    ApplyIfFiniteState) counts such calls.
 
-    def update(updates: PyTree, state: optax.OptState, params: PyTree = None, *, loss: jax.Array | None = None):
-        if loss is not None:
-            ok = jnp.all(jnp.isfinite(loss))
-            updates = jax.tree.map(lambda g: jnp.where(ok, g, jnp.nan), updates)
-        return guarded.update(updates, state, params)
+    One norm serves clipping and the finiteness check, and the skip is a select fused
+    into the update: optax.clip_by_global_norm plus optax.apply_if_finite reduce every
+    leaf twice and branch, and the tests' tiny training step (246 leaves) compiled in
+    51 s with them against 46 s with this.
+    """
 
-    return optax.GradientTransformationExtraArgs(guarded.init, update)
+    def init(params: PyTree) -> optax.ApplyIfFiniteState:
+        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update(grads: PyTree, state: optax.ApplyIfFiniteState, params: PyTree = None, *,
+               loss: jax.Array | None = None) -> tuple[PyTree, optax.ApplyIfFiniteState]:
+        mask = trainable(grads)
+        norm = optax.global_norm([g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if t])
+        finite = jnp.isfinite(norm) if loss is None else jnp.isfinite(norm) & jnp.all(jnp.isfinite(loss))
+        if clip_norm:
+            scale = jnp.minimum(1.0, clip_norm / norm)
+            grads = jax.tree.map(lambda g, t: g * scale.astype(g.dtype) if t else g, grads, mask)
+        updates, inner_state = inner.update(grads, state.inner_state, params)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner_state, state.inner_state)
+        bad = (~finite).astype(jnp.int32)
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=(state.notfinite_count + 1) * bad, last_finite=finite,
+            total_notfinite=state.total_notfinite + bad, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformationExtraArgs:
@@ -213,15 +235,16 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
         for i, (_, extra) in enumerate(config.lr_factors):
             transforms[f"{group}@{i}"] = _adamw_group(schedule, factor * float(extra), decay)
     groups = optax.multi_transform(transforms, labels)
-    core = optax.chain(
-        optax.masked(optax.set_to_zero(), lambda tree: jax.tree.map(lambda g: g == "frozen", labels(tree))),
-        optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity(),
-        groups,
-    )
+
+    def trainable(tree: PyTree) -> PyTree:
+        return jax.tree.map(lambda g: g != "frozen", labels(tree))
+
     k = int(config.grad_accum_steps)
-    if k > 1:
-        core = optax.MultiSteps(core, every_k_schedule=k).gradient_transformation()
-    return _skip_nonfinite(core)
+    if k == 1:
+        return _clip_and_skip_nonfinite(groups, trainable, config.clip_norm)
+    # Accumulating: each call's gradients are checked, the average of k is clipped.
+    accumulate = optax.MultiSteps(_clip_and_skip_nonfinite(groups, trainable, config.clip_norm), every_k_schedule=k)
+    return _clip_and_skip_nonfinite(accumulate.gradient_transformation(), trainable, 0.0)
 
 
 def bad_step_counts(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array]:
