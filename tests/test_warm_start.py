@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import train_in_child
 from glipjax import warm_start
-from glipjax.config import apply_override, load_config
-from glipjax.runs import load_run
+from glipjax.config import load_config
+from glipjax.runs import load_run, read_config
 
 FIXTURES = "tests/fixtures"
 
@@ -35,23 +36,22 @@ def test_merge_rejects_wrong_shapes_and_unknown_params():
         warm_start.merge(_fresh(), {"b": {"kernel": np.zeros((2, 3), np.float32)}})
 
 
-def _finetune_config(source, workdir_overrides=()):
-    config = load_config("configs/finetune.py:prompt")
-    config.unlock()
-    for key in ("preset", "text_encoder", "head_layers", "fpn_channels", "fusion_embed_dim", "fusion_heads",
-                "align_fused_text", "anchor_sizes"):
-        config.model[key] = source.model[key]
-    for key in ("canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes"):
-        config.data[key] = source.data[key]
-    for key, value in [("train.steps", "2"), ("train.log_every", "1"), ("data.batch_size", "8"),
-                       ("data.sources.train.annotations", f"{FIXTURES}/coco_instances.json"),
-                       ("data.sources.train.images", f"{FIXTURES}/images"), *workdir_overrides]:
-        apply_override(config, key, value)
-    return config
+def _finetune_overrides(source, init_from) -> list[str]:
+    """Overrides of configs/finetune.py:prompt that give it the `source` run config's
+    model and shapes and train 2 steps from `init_from` on the fixture images."""
+    fields = [(f"model.{key}", source.model[key]) for key in (
+        "preset", "text_encoder", "head_layers", "fpn_channels", "fusion_embed_dim", "fusion_heads",
+        "align_fused_text", "anchor_sizes")]
+    fields += [(f"data.{key}", source.data[key]) for key in (
+        "canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes")]
+    fields += [("train.steps", 2), ("train.log_every", 1), ("data.batch_size", 8),
+               ("data.sources.train.annotations", f"{FIXTURES}/coco_instances.json"),
+               ("data.sources.train.images", f"{FIXTURES}/images"), ("train.init_from", init_from)]
+    return [f"--config.{key}={value}" for key, value in fields]
 
 
 def test_init_from_another_model_names_the_fields(tiny_run):
-    config = _finetune_config(load_run(tiny_run).config, [("train.init_from", str(tiny_run))])
+    config = load_config("configs/finetune.py:prompt", _finetune_overrides(read_config(tiny_run), tiny_run))
     config.model.fusion_heads = 4
     with pytest.raises(ValueError, match="model.fusion_heads: 8 in the source, 4 here"):
         warm_start.source_params(config)
@@ -71,13 +71,9 @@ def test_a_field_newer_than_the_source_run_reads_as_its_default():
 
 
 @pytest.mark.slow
-def test_prompt_tuning_from_a_run_changes_only_the_offset(tiny_run, tmp_path, repo_root, monkeypatch):
-    from glipjax.train import train
-
-    monkeypatch.chdir(repo_root)
+def test_prompt_tuning_from_a_run_changes_only_the_offset(tiny_run, tmp_path):
     source = load_run(tiny_run)
-    config = _finetune_config(source.config, [("train.init_from", str(tiny_run))])
-    train(config, tmp_path)
+    train_in_child("configs/finetune.py:prompt", tmp_path, *_finetune_overrides(source.config, tiny_run))
     tuned = load_run(tmp_path).params
     offset = np.asarray(tuned.pop("prompt_offset"))
     assert offset.shape == (source.config.data.max_text_len, source.glip_config.text.hidden_size)
