@@ -1,6 +1,7 @@
 """Multi-host training: two processes on 127.0.0.1 (jax.distributed with CPU
 collectives), each feeding its half of the global batch, give the losses of one
-process that sees the whole batch."""
+process that sees the whole batch; in both, a step on NaN images leaves the params
+as they were and is counted."""
 
 from __future__ import annotations
 
@@ -49,7 +50,14 @@ losses = []
 for _ in range(%(steps)d):
     state, metrics = step(state, sharding.shard_batch(mine, mesh, rules))
     losses.append(float(metrics["loss"]))
-print(json.dumps({"devices": jax.device_count(), "losses": losses}))
+def local_params():  # copies: the step donates the state's buffers
+    return [np.array(s.data) for x in jax.tree.leaves(state["params"]) for s in x.addressable_shards]
+before = local_params()
+nan_images = dict(mine, images=np.full_like(mine["images"], np.nan))
+state, metrics = step(state, sharding.shard_batch(nan_images, mesh, rules))
+nan_step = {"loss": float(metrics["loss"]), "bad_steps": int(metrics["bad_steps"]),
+            "params_kept": all(np.array_equal(a, b) for a, b in zip(before, local_params(), strict=True))}
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "nan_step": nan_step}))
 """ % {"steps": STEPS}
 
 
@@ -63,3 +71,6 @@ def test_two_processes_match_one(tmp_path):
     assert len(single[0]["losses"]) == STEPS and np.isfinite(single[0]["losses"]).all()
     # float32 sums split over two devices: tolerance 1e-5 relative.
     np.testing.assert_allclose(double[0]["losses"], single[0]["losses"], rtol=1e-5)
+    for result in (*single, *double):
+        nan_step = result["nan_step"]
+        assert np.isnan(nan_step["loss"]) and nan_step["bad_steps"] == 1 and nan_step["params_kept"], nan_step
