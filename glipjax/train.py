@@ -99,6 +99,15 @@ class MetricWriter:
             self.tb.close()
 
 
+def check_bad_streak(streak: int, limit: int, workdir: epath.Path) -> None:
+    """Stops training (FloatingPointError) once `limit` consecutive steps were skipped
+    for a non-finite loss or gradient."""
+    if streak >= limit:
+        raise FloatingPointError(
+            f"{streak} consecutive steps with a non-finite loss or gradient (train.max_bad_steps = {limit}); "
+            f"last finite checkpoint kept in {workdir}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir` (a local path or a gs:// URI); returns
     the final metrics."""
@@ -160,10 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         with sharding.sharding_context(mesh, rules):
             state, metrics = step_fn(state, batch)
         step += 1
-        if int(metrics["bad_streak"]) >= config.train.max_bad_steps:
-            raise FloatingPointError(
-                f"{int(metrics['bad_streak'])} consecutive steps with a non-finite loss or gradient "
-                f"(train.max_bad_steps = {config.train.max_bad_steps}); last finite checkpoint kept in {workdir}")
+        check_bad_streak(int(metrics["bad_streak"]), config.train.max_bad_steps, workdir)
         if step % config.train.log_every == 0 or step == total_steps:
             writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
         evaluated = None
