@@ -20,8 +20,8 @@ warms up linearly from `warmup_factor` x lr over `warmup_steps` and is multiplie
 `grad_accum_steps` k > 1, k calls average their gradients into one update.
 
 A call whose trainable gradients (or `loss=`, when given) hold a NaN or inf changes
-neither the params nor the optimizer state; `bad_step_counts(opt_state)` gives the consecutive and
-total number of such calls for the trainer to act on.
+neither the params nor the optimizer state; `bad_step_counts(opt_state)` gives the
+consecutive and total number of such calls for the trainer to act on.
 """
 
 from __future__ import annotations
