@@ -9,8 +9,9 @@ group): for output pixel (ho, wo) and tap k = 3i + j the input is sampled at
 bilinearly, reading zero outside the map (a point counts only when -1 < y < H
 and -1 < x < W; corners outside the map are zero), multiplied by mask[..., k]
 and then convolved densely with the 3x3 kernel plus bias. Everything runs in
-float32 or wider. The sampling is four vectorised gathers (differentiable with
-respect to the input, offsets, masks and kernel) followed by one contraction.
+float32 or wider. The sampling is one gather of the four corners of every sample
+(differentiable with respect to the input, offsets, masks and kernel; a single
+gather compiles and runs faster than one per corner) and two contractions.
 """
 
 from __future__ import annotations
@@ -87,18 +88,17 @@ def modulated_deform_conv(
     y0 = y0.astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
 
-    flat = x.reshape(b, h * w, cin)
+    # The four bilinear corners of every sample, gathered at once: (B, n, 4).
+    y0 = y0[..., None] + jnp.array([0, 0, 1, 1], jnp.int32)
+    x0 = x0[..., None] + jnp.array([0, 1, 0, 1], jnp.int32)
+    wy = jnp.stack([1.0 - ly, 1.0 - ly, ly, ly], -1)
+    wx = jnp.stack([1.0 - lx, lx, 1.0 - lx, lx], -1)
+    valid = inside[..., None] & (y0 >= 0) & (y0 < h) & (x0 >= 0) & (x0 < w)
+    weight = jnp.where(valid, wy * wx, 0.0) * mask[..., None]
+    index = jnp.clip(y0, 0, h - 1) * w + jnp.clip(x0, 0, w - 1)
     n = ho * wo * NUM_TAPS
-    sampled = jnp.zeros((b, n, cin), ct)
-    for dy, wy in ((0, 1.0 - ly), (1, ly)):
-        for dx, wx in ((0, 1.0 - lx), (1, lx)):
-            yc = y0 + dy
-            xc = x0 + dx
-            valid = inside & (yc >= 0) & (yc < h) & (xc >= 0) & (xc < w)
-            weight = jnp.where(valid, wy * wx, 0.0) * mask
-            index = jnp.clip(yc, 0, h - 1) * w + jnp.clip(xc, 0, w - 1)
-            corner = jnp.take_along_axis(flat, index.reshape(b, n, 1), axis=1)
-            sampled = sampled + corner * weight.reshape(b, n, 1)
+    corners = jnp.take_along_axis(x.reshape(b, h * w, cin), index.reshape(b, 4 * n, 1), axis=1)
+    sampled = jnp.einsum("bnqc,bnq->bnc", corners.reshape(b, n, 4, cin), weight.reshape(b, n, 4))
 
     columns = sampled.reshape(b, ho, wo, NUM_TAPS, cin)
     out = jnp.einsum(
