@@ -143,8 +143,9 @@ def compilation_cache(tmp_path_factory, worker_id) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, worker_id) -> pathlib.Path:
-    """A training workdir of the demo's tiny GLIP trained for 2 steps (no evaluation):
-    config.json and checkpoints/2. Trained in a child process (its memory, TensorFlow
+    """A training workdir of the demo's tiny GLIP with SMALL_TRAIN's settings (its step
+    is the one the other training tests compile), without evaluation: config.json and
+    checkpoints/<TRAIN_STEPS>. Trained in a child process (its memory, TensorFlow
     included, is returned when it ends) with XLA's cheaper CPU compilation, once per
     test session: under pytest-xdist the first worker that asks builds it in the
     session's shared temp folder while the others wait on a file lock."""
@@ -157,8 +158,8 @@ def tiny_run(tmp_path_factory, worker_id) -> pathlib.Path:
     with FileLock(str(root / "tiny_run.lock")):
         if not done.exists():
             shutil.rmtree(workdir, ignore_errors=True)  # a failed earlier attempt
-            train_in_child("configs/demo.py:tiny", workdir, "--config.train.steps=2",
-                           "--config.eval.splits=()", timeout=1800)
+            train_in_child("configs/demo.py:tiny", workdir, *SMALL_TRAIN, "--config.eval.splits=()",
+                           "--config.checkpoint.save_every=100", timeout=1800)
             done.touch()
     return workdir
 
@@ -167,7 +168,7 @@ def tiny_run(tmp_path_factory, worker_id) -> pathlib.Path:
 def detecting_run(tiny_run, tmp_path_factory) -> pathlib.Path:
     """tiny_run's params with the head's bias0 raised from its prior (-4.6) to -1, so
     the barely trained head scores above the 0.05 candidate threshold and every image
-    gets detections: a workdir with config.json and checkpoints/2 holding the params."""
+    gets detections: a workdir with config.json and checkpoints/<TRAIN_STEPS> holding the params."""
     import shutil
 
     import numpy as np

@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import spawn_workers
+from conftest import TRAIN_STEPS, spawn_workers
 from eval_sets import write_coco_set, write_lvis_set, write_mdetr_set
 from glipjax import evaluate
 from glipjax.eval.coco import STAT_NAMES
@@ -109,7 +109,7 @@ def test_every_dataset_end_to_end(tiny_run, tmp_path, capfd):
     returned = evaluate.main(argv)
     report = json.loads(out.read_text())
     assert report == returned
-    assert report["step"] == 2 and report["ema"] is False and report["max_images"] == 8
+    assert report["step"] == TRAIN_STEPS and report["ema"] is False and report["max_images"] == 8
     sets = report["datasets"]
     assert list(sets) == ["shapes", "coco", "lvis", "flickr", "odinw"]
 

@@ -4,6 +4,7 @@ own canvas and batch that loads and runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TRAIN_STEPS
 from glipjax import export, predict, sharding
 from glipjax.runs import RunError, load_run
 
@@ -28,9 +30,25 @@ def image(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(detecting_run, tmp_path_factory):
+def named_encoder_run(detecting_run, tmp_path_factory):
+    """detecting_run with its text encoder named by a folder, as a run from a pretrained
+    BERT names it: the folder holds a config.json of the run's BERT sizes (the checkpoint
+    holds the weights), which an export must carry."""
+    root = tmp_path_factory.mktemp("named_encoder")
+    (root / "encoder").mkdir()
+    (root / "encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(load_run(detecting_run).glip_config.text)))
+    config = json.loads((detecting_run / "config.json").read_text())
+    config["model"]["text_encoder"] = str(root / "encoder")
+    (root / "run").mkdir()
+    (root / "run" / "config.json").write_text(json.dumps(config))
+    (root / "run" / "checkpoints").symlink_to(detecting_run / "checkpoints")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def bundle(named_encoder_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "bundle"
-    return out, export.export(detecting_run, out)
+    return out, export.export(named_encoder_run, out)
 
 
 def test_bundle_files_and_shapes(bundle):
@@ -38,7 +56,7 @@ def test_bundle_files_and_shapes(bundle):
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "export.json", "inference_96x96_L64.jax", "params", "text_encoder"]
     assert json.loads((out / "export.json").read_text()) == info
-    assert info["step"] == 2 and info["ema"] is False and info["dtype"] == "float32"
+    assert info["step"] == TRAIN_STEPS and info["ema"] is False and info["dtype"] == "float32"
     shapes = info["inference"]
     assert (shapes["batch"], shapes["height"], shapes["width"], shapes["text_len"], shapes["phrases"]) == (1, 96, 96, 64, 31)
     assert [i["name"] for i in shapes["inputs"]] == [
@@ -50,12 +68,12 @@ def test_bundle_files_and_shapes(bundle):
 def test_load_run_reads_the_bundle(bundle, detecting_run):
     mesh = sharding.make_mesh({"data": 1}, jax.local_devices()[:1])
     exported, trained = load_run(bundle[0], mesh=mesh), load_run(detecting_run, mesh=mesh)
-    assert exported.step == trained.step == 2 and exported.glip_config == trained.glip_config
+    assert exported.step == trained.step == TRAIN_STEPS and exported.glip_config == trained.glip_config
     for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(trained.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(RunError, match="exported without --ema"):
         load_run(bundle[0], ema=True)
-    with pytest.raises(RunError, match="from step 2, not 1"):
+    with pytest.raises(RunError, match=f"from step {TRAIN_STEPS}, not 1"):
         load_run(bundle[0], step=1)
 
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from conftest import child_env
+from conftest import TRAIN_STEPS, child_env
 from glipjax import preprocess, sharding
 from glipjax.data import transforms
 from glipjax.data.prompts import class_prompt, clean_name, positive_map
@@ -154,7 +154,7 @@ def test_command_end_to_end_without_tensorflow(setup, detecting_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2/2 tall.png" in result.stderr and "ETA" in result.stderr
     report = json.loads((out / "predictions.json").read_text())
-    assert report["engine"] == "params" and report["step"] == 2 and report["classes"] == many
+    assert report["engine"] == "params" and report["step"] == TRAIN_STEPS and report["classes"] == many
     assert [i["file"] for i in report["images"]] == [str(f) for f in files]
     for entry, file in zip(report["images"], files):
         with Image.open(file) as original:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import TRAIN_STEPS
 from glipjax import checkpoint, sharding, train_state
 from glipjax.models.glip import GLIP
 from glipjax.runs import Run, RunError, load_run, read_config
@@ -21,7 +22,7 @@ def run(tiny_run) -> Run:
 
 
 def test_loads_the_trained_params_of_the_latest_step(tiny_run, run):
-    assert run.step == 2 and isinstance(run.model, GLIP)
+    assert run.step == TRAIN_STEPS and isinstance(run.model, GLIP)
     assert run.glip_config.max_text_len == run.config.data.max_text_len == 64
     assert run.config.data.canvas == (96, 96) and run.config.model.anchor_sizes == (16, 32, 64, 128, 256)
     assert run.glip_config.anchor_sizes == (16, 32, 64, 128, 256)
@@ -31,7 +32,7 @@ def test_loads_the_trained_params_of_the_latest_step(tiny_run, run):
     abstract = train_state.abstract_state(config, run.model, tx, run.mesh, sharding.rules_from_config(config))
     with checkpoint.Checkpointer(tiny_run, save_every=2, keep=2) as ckpt:
         step, state, _ = ckpt.restore_latest(abstract)
-    assert step == 2
+    assert step == TRAIN_STEPS
     leaves = jax.tree_util.tree_leaves_with_path(run.params)
     assert len(leaves) == len(jax.tree.leaves(state["params"])) > 100
     for (path, ours), theirs in zip(leaves, jax.tree.leaves(state["params"])):
@@ -41,7 +42,7 @@ def test_loads_the_trained_params_of_the_latest_step(tiny_run, run):
 
 def test_explicit_step_and_mesh(tiny_run, run):
     mesh = sharding.make_mesh({"data": 1}, jax.local_devices()[:1])
-    one = load_run(tiny_run, step=2, mesh=mesh)
+    one = load_run(tiny_run, step=TRAIN_STEPS, mesh=mesh)
     leaf = jax.tree.leaves(one.params)[0]
     assert leaf.sharding.device_set == {jax.local_devices()[0]}
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(jax.tree.leaves(run.params)[0]))
@@ -54,7 +55,7 @@ def test_missing_things_are_named(tiny_run, tmp_path):
         load_run(tmp_path)
     with pytest.raises(RunError, match="no EMA params"):
         load_run(tiny_run, ema=True)
-    with pytest.raises(RunError, match=r"no checkpoint of step 7; its steps are \[2\]"):
+    with pytest.raises(RunError, match=rf"no checkpoint of step 7; its steps are \[{TRAIN_STEPS}\]"):
         load_run(tiny_run, step=7)
     bare = tmp_path / "bare"
     bare.mkdir()
