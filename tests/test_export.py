@@ -36,7 +36,8 @@ def named_encoder_run(detecting_run, tmp_path_factory):
     holds the weights), which an export must carry."""
     root = tmp_path_factory.mktemp("named_encoder")
     (root / "encoder").mkdir()
-    (root / "encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(load_run(detecting_run).glip_config.text)))
+    text_config = dataclasses.asdict(load_run(detecting_run).glip_config.text)
+    (root / "encoder" / "config.json").write_text(json.dumps(text_config))
     config = json.loads((detecting_run / "config.json").read_text())
     config["model"]["text_encoder"] = str(root / "encoder")
     (root / "run").mkdir()

@@ -10,8 +10,8 @@ bilinearly, reading zero outside the map (a point counts only when -1 < y < H
 and -1 < x < W; corners outside the map are zero), multiplied by mask[..., k]
 and then convolved densely with the 3x3 kernel plus bias. Everything runs in
 float32 or wider. The sampling is one gather of the four corners of every sample
-(differentiable with respect to the input, offsets, masks and kernel; a single
-gather compiles and runs faster than one per corner) and two contractions.
+(differentiable with respect to the input, offsets, masks and kernel; one gather
+compiles to a smaller program than one per corner) and two contractions.
 """
 
 from __future__ import annotations
