@@ -88,7 +88,7 @@ def modulated_deform_conv(
     y0 = y0.astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
 
-    # The four bilinear corners of every sample, gathered at once: (B, n, 4).
+    # The four bilinear corners of every sample, gathered at once: (B, Ho, Wo, 9, 4).
     y0 = y0[..., None] + jnp.array([0, 0, 1, 1], jnp.int32)
     x0 = x0[..., None] + jnp.array([0, 1, 0, 1], jnp.int32)
     wy = jnp.stack([1.0 - ly, 1.0 - ly, ly, ly], -1)
