@@ -192,11 +192,12 @@ def _dict_key_suffix(path: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(reversed(keys))
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, shardings: Any,
+def optimizer_shardings(abstract_opt_state: Any, abstract_params: Any, shardings: Any,
                         mesh: jax.sharding.Mesh) -> Any:
-    """Shardings for tx.init(params): a leaf whose trailing dict-key path and shape are a
-    param's (moments, EMA copies, inside masks or multi_transform) gets that param's
-    sharding; everything else (step counts) is replicated."""
+    """Shardings for the optimizer state `abstract_opt_state` (jax.eval_shape of
+    tx.init(params)): a leaf whose trailing dict-key path and shape are a param's
+    (moments, EMA copies, inside masks or multi_transform) gets that param's sharding;
+    everything else (step counts) is replicated."""
     by_path: dict[tuple[Any, ...], tuple[tuple[int, ...], Any]] = {}
     for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                       jax.tree_util.tree_leaves(shardings)):
@@ -211,48 +212,46 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
                 return hit[1]
         return replicated
 
-    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract_params))
-
-
-def _init_shardings(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
-                    args: tuple[Any, ...], tx: optax.GradientTransformation | None) -> tuple[Any, Any, Any]:
-    """(abstract unboxed params, their shardings, the optimizer state's shardings or None)."""
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = param_shardings(abstract, mesh, rules)
-    opt_shardings = None if tx is None else optimizer_shardings(tx, unbox(abstract), shardings, mesh)
-    return unbox(abstract), shardings, opt_shardings
-
-
-def create_sharded(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
-                   *args: Any, tx: optax.GradientTransformation | None = None) -> Any:
-    """Runs `init_fn(*args)` (returning boxed params, e.g. lambda r, *x: model.init(r, *x)
-    ["params"]) compiled with out_shardings from the logical annotations, so each
-    device only ever holds its own shards. Returns the unboxed params, or
-    (params, tx.init(params)) when `tx` is given, both already sharded."""
-    _, shardings, opt_shardings = _init_shardings(init_fn, mesh, rules, args, tx)
-    if tx is None:
-        return jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
-
-    def init_all(*a):
-        params = unbox(init_fn(*a))
-        return params, tx.init(params)
-
-    return jax.jit(init_all, out_shardings=(shardings, opt_shardings))(*args)
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
 def sharded_shapes(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
                    *args: Any, tx: optax.GradientTransformation | None = None) -> Any:
     """What create_sharded would return, as jax.ShapeDtypeStructs carrying their
     shardings, without allocating anything."""
-    abstract, shardings, opt_shardings = _init_shardings(init_fn, mesh, rules, args, tx)
+    boxed = jax.eval_shape(init_fn, *args)
+    params, shardings = unbox(boxed), param_shardings(boxed, mesh, rules)
 
     def attach(x, s):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
-    params = jax.tree_util.tree_map(attach, abstract, shardings)
+    sharded_params = jax.tree_util.tree_map(attach, params, shardings)
     if tx is None:
-        return params
-    return params, jax.tree_util.tree_map(attach, jax.eval_shape(tx.init, abstract), opt_shardings)
+        return sharded_params
+    opt_state = jax.eval_shape(tx.init, params)
+    return sharded_params, jax.tree_util.tree_map(
+        attach, opt_state, optimizer_shardings(opt_state, params, shardings, mesh))
+
+
+def create_sharded(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]],
+                   *args: Any, tx: optax.GradientTransformation | None = None, shapes: Any = None) -> Any:
+    """Runs `init_fn(*args)` (returning boxed params, e.g. lambda r, *x: model.init(r, *x)
+    ["params"]) compiled with out_shardings from the logical annotations, so each
+    device only ever holds its own shards. Returns the unboxed params, or
+    (params, tx.init(params)) when `tx` is given, both already sharded. `shapes`:
+    sharded_shapes' result for the same arguments when at hand (init_fn is then
+    traced once instead of twice)."""
+    if shapes is None:
+        shapes = sharded_shapes(init_fn, mesh, rules, *args, tx=tx)
+    out_shardings = jax.tree_util.tree_map(lambda x: x.sharding, shapes)
+    if tx is None:
+        return jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=out_shardings)(*args)
+
+    def init_all(*a):
+        params = unbox(init_fn(*a))
+        return params, tx.init(params)
+
+    return jax.jit(init_all, out_shardings=out_shardings)(*args)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Sequence[Sequence[Any]] = DEFAULT_RULES) -> NamedSharding:

@@ -149,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         checkpoint.unpack_loader_state(loader, data_state)
         log.info("resumed from step %d", int(state["step"]))
     else:
-        state = train_state.init_state(config, model, tx, mesh, rules, text_params)
+        state = train_state.init_state(config, model, tx, mesh, rules, text_params, abstract)
         if config.train.get("init_from"):
             from glipjax import warm_start
 

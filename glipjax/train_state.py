@@ -66,11 +66,14 @@ def _state(config: ml_collections.ConfigDict, params: Any, opt_state: Any, ema: 
 
 
 def init_state(config: ml_collections.ConfigDict, model: GLIP, tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh, rules: Rules, text_params: Any = None) -> State:
-    """The initial state, created already sharded (no full copy on any device)."""
+               mesh: jax.sharding.Mesh, rules: Rules, text_params: Any = None, abstract: State | None = None) -> State:
+    """The initial state, created already sharded (no full copy on any device).
+    `abstract`: abstract_state's result for the same arguments, when at hand (the
+    model's init is then traced once instead of twice)."""
+    shapes = None if abstract is None else (abstract["params"], abstract["opt_state"])
     with sharding.sharding_context(mesh, rules):
         params, opt_state = sharding.create_sharded(
-            _init_fn(config, model), mesh, rules, jax.random.PRNGKey(config.seed), text_params, tx=tx)
+            _init_fn(config, model), mesh, rules, jax.random.PRNGKey(config.seed), text_params, tx=tx, shapes=shapes)
     state = _state(config, params, opt_state, jax.tree_util.tree_map(jnp.copy, params))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return dict(state, step=jax.device_put(state["step"], replicated), rng=jax.device_put(state["rng"], replicated))

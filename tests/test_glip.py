@@ -120,8 +120,8 @@ def test_detect_shapes(tiny):
     out = jax.jit(model.apply)({"params": params}, images, ids, mask)
     pmap = np.zeros((3, TEXT_LEN), np.float32)
     pmap[0, 1] = pmap[1, 2:4] = pmap[2, 5] = 1
-    dets = detect(config, out, jnp.asarray(pmap), jnp.array([True, True, False]),
-                  jnp.array([[SIZE, SIZE], [50, 60]]), (SIZE, SIZE), pre_nms_thresh=0.0)
+    dets = jax.jit(lambda *args: detect(config, *args, (SIZE, SIZE), pre_nms_thresh=0.0))(
+        out, jnp.asarray(pmap), jnp.array([True, True, False]), jnp.array([[SIZE, SIZE], [50, 60]]))
     assert dets.boxes.shape == (2, config.postprocess.max_detections, 4)
     valid = np.asarray(dets.valid)
     labels = np.asarray(dets.labels)[valid]

@@ -101,8 +101,8 @@ def test_forward_and_detections_match_official(models, golden_file):
 
     positive_map = jnp.asarray(g["positive_map"])
     height, width = g["image"].shape[2:]
-    dets = detect(config, out, positive_map, jnp.ones(positive_map.shape[0], bool),
-                  jnp.asarray([[height, width]]), (height, width))
+    dets = jax.jit(detect, static_argnums=(0, 5))(config, out, positive_map, jnp.ones(positive_map.shape[0], bool),
+                                                  jnp.asarray([[height, width]]), (height, width))
     valid = np.asarray(dets.valid[0])
     scores = np.asarray(dets.scores[0])[valid]
     boxes = np.asarray(dets.boxes[0])[valid]
