@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import spawn_workers
+from conftest import SMALL_TRAIN, spawn_workers
 
 STEPS = 3
 
@@ -22,8 +22,8 @@ if count > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
 from glipjax import sharding, train_state
 from glipjax.config import load_config
-config = load_config("configs/demo.py:tiny", ["model.text_encoder=", "model.fusion_embed_dim=64",
-                                              "data.batch_size=4", "train.steps=%(steps)d"])
+# The suite's training settings: the 1-process job loads their compiled step from the session's cache.
+config = load_config("configs/demo.py:tiny", %(small_train)r)
 mesh = sharding.make_mesh(dict(config.sharding.mesh))
 rules = sharding.rules_from_config(config)
 model, glip_config, _ = train_state.build_model(config)
@@ -32,7 +32,7 @@ state = train_state.init_state(config, model, tx, mesh, rules)
 step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
                                   state, mesh, rules)
 rng = np.random.default_rng(0)  # the same global batch in every process
-b, (h, w), length, boxes = 4, config.data.canvas, config.data.max_text_len, config.data.max_boxes
+b, (h, w), length, boxes = config.data.batch_size, config.data.canvas, config.data.max_text_len, config.data.max_boxes
 corner = rng.uniform(0, 40, (b, boxes, 2)).astype(np.float32)
 positive = np.zeros((b, boxes, length), np.float32)
 positive[:, :, 1:3] = 0.5
@@ -58,7 +58,7 @@ state, metrics = step(state, sharding.shard_batch(nan_images, mesh, rules))
 nan_step = {"loss": float(metrics["loss"]), "bad_steps": int(metrics["bad_steps"]),
             "params_kept": all(np.array_equal(a, b) for a, b in zip(before, local_params(), strict=True))}
 print(json.dumps({"devices": jax.device_count(), "losses": losses, "nan_step": nan_step}))
-""" % {"steps": STEPS}
+""" % {"steps": STEPS, "small_train": list(SMALL_TRAIN)}
 
 
 @pytest.mark.slow
