@@ -25,8 +25,10 @@ def tiny_config(**changes):
     text = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=64, max_position_embeddings=32)
     config = glip_tiny(text)
+    # One block in the later Swin stages (a cheaper compile); the first keeps its shifted-window block.
+    swin = dataclasses.replace(config.swin, depths=(2, 1, 1, 1))
     head = dataclasses.replace(config.head, fusion_embed_dim=64, fusion_heads=4)
-    return dataclasses.replace(config, head=head, max_text_len=TEXT_LEN, **changes)
+    return dataclasses.replace(config, swin=swin, head=head, max_text_len=TEXT_LEN, **changes)
 
 
 def batch(seed=0):
@@ -76,11 +78,11 @@ def test_tiny_forward_backward(tiny):
     (total, parts), grads = grad_fn(params, images, ids, mask, boxes, gt_mask, pmap, jax.random.PRNGKey(1))
     assert np.isfinite(float(total)) and float(total) > 0
     assert float(parts["num_positives"]) > 0 and float(parts["giou"]) > 0
-    flat = traverse_util.flatten_dict(grads, sep="/")
+    flat = traverse_util.flatten_dict(jax.device_get(grads), sep="/")
     assert all(np.all(np.isfinite(g)) for g in flat.values())
     # Every component learns: the image encoder, the text encoder and the head.
     for prefix in ("backbone/body", "backbone/fpn", "language_backbone", "head/dyhead_tower_0", "head/dyhead_tower_2"):
-        norm = sum(float(jnp.sum(g * g)) for k, g in flat.items() if k.startswith(prefix))
+        norm = sum(float(np.sum(np.square(g))) for k, g in flat.items() if k.startswith(prefix))
         assert norm > 0, prefix
 
 
@@ -96,9 +98,9 @@ def test_remat_checkpoints_every_part(tiny):
         return len(re.findall(r"\b(?:remat\d*|checkpoint)\[", jaxpr))
 
     assert regions(grad_jaxpr(config)) == 0
-    # One rematerialised region per Swin block (8), BERT layer (1), and head fusion,
+    # One rematerialised region per Swin block (5), BERT layer (1), and head fusion,
     # BERT layer and DyConv (2 layers x 3).
-    assert regions(grad_jaxpr(dataclasses.replace(config, remat=True))) == 15
+    assert regions(grad_jaxpr(dataclasses.replace(config, remat=True))) == 12
 
 
 def test_scan_layers_reaches_both_stacks(tiny):
