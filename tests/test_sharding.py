@@ -225,6 +225,13 @@ def test_glip_params_are_sharded(glip_setup):
     # On the real mesh the created arrays hold what the shardings say.
     expected = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert device_bytes(params, jax.devices()[0]) == expected
+    # Given sharded_shapes' result (as training does), the same arrays with the same shardings.
+    ahead = sharding.sharded_shapes(init, mesh, rules, *args, tx=tx)
+    again = sharding.create_sharded(init, mesh, rules, *args, tx=tx, shapes=ahead)
+    leaves = (jax.tree.leaves((params, opt_state)), jax.tree.leaves(again), jax.tree.leaves(ahead))
+    for a, b, s in zip(*leaves, strict=True):
+        assert a.sharding == b.sharding == s.sharding
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
