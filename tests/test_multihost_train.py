@@ -22,7 +22,7 @@ if count > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
 from glipjax import sharding, train_state
 from glipjax.config import load_config
-# The suite's training settings: the 1-process job loads their compiled step from the session's cache.
+# The suite's training settings: once a training run has compiled their step, the 1-process job loads it from the cache.
 config = load_config("configs/demo.py:tiny", %(small_train)r)
 mesh = sharding.make_mesh(dict(config.sharding.mesh))
 rules = sharding.rules_from_config(config)
