@@ -23,7 +23,9 @@ prefetched batches; `DataLoader.save(dir)` writes it with the runtime drop count
 `DataLoader.restore(dir)` on a freshly built loader (same config, data and host)
 continues with exactly the batches that would have come next. The state holds the
 shuffle buffers' encoded images and the prefetched batches, so it grows with
-c.data.shuffle_buffer x image file size plus two host batches.
+c.data.shuffle_buffer x image file size plus two host batches. Sources are read
+without TFDS's in-memory cache of small splits: a cache is iterator state too, and it
+made the demo's saved pipeline state hold its whole training split twice.
 
 Config (c.data): sources (named entries: kind, weight, prompt, split and the kind's
 paths/options for glipjax.data.builders.common.load_source), batch_size (global),
@@ -113,6 +115,10 @@ def _host_split(split: str, process_index: int, process_count: int) -> str:
     return tfds.even_splits(split, n=process_count)[process_index]
 
 
+# No in-memory cache of small splits (see the module docstring: it is saved with the state).
+_READ_CONFIG = tfds.ReadConfig(try_autocache=False)
+
+
 def _shapes_source(
     name: str, src: ml_collections.ConfigDict, data: ml_collections.ConfigDict,
     data_dir: os.PathLike, process_index: int, process_count: int,
@@ -125,7 +131,8 @@ def _shapes_source(
     size = builder.info.splits[part].num_examples
 
     def records() -> tf.data.Dataset:
-        ds = builder.as_dataset(split=part, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        ds = builder.as_dataset(split=part, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+                                read_config=_READ_CONFIG)
         return ds.map(_shapes_record)
 
     categories = shapes.CATEGORIES if split == "novel" else shapes.BASE_CATEGORIES
@@ -168,7 +175,8 @@ def _built_source(
 
     def records() -> tf.data.Dataset:
         ds, _ = common.load_source(src.kind, data_dir=data_dir, split=split, part=part,
-                                   decoders={"image": tfds.decode.SkipDecoding()}, **args)
+                                   decoders={"image": tfds.decode.SkipDecoding()}, read_config=_READ_CONFIG,
+                                   **args)
         return ds.map(_common_record)
 
     _, meta = common.load_source(src.kind, data_dir=data_dir, split=split, part=part, **args)  # builds once
