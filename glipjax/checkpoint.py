@@ -4,8 +4,8 @@ Layout of a workdir's checkpoints (one Orbax CheckpointManager under `<workdir>/
 
     checkpoints/<step>/state   the trainer's state pytree (params, opt_state, ema, step,
                                rng, ...; any pytree of arrays) via StandardSave
-    checkpoints/<step>/data    the data pipeline state as JSON: {"kind": "json", "value": dict}
-                               or {"kind": "bytes", "base64": str}
+    checkpoints/<step>/data    every process's data-pipeline state as raw bytes, one file
+                               per process: process_<i>_of_<n>, written by process i of n
 
 Both items are written by one `save` and published together by Orbax's atomic rename of
 the step's temporary folder, so a crash mid-save never leaves a step with one item
@@ -13,10 +13,9 @@ missing. The data loader's `save(directory)`/`restore(directory)` write files, s
 trainer packs them into bytes with `pack_loader_state(loader)` and unpacks with
 `unpack_loader_state(loader, blob)` (a tar archive of that directory): keeping the files
 inside Orbax's item avoids writing into a step folder that Orbax may still be
-finalising, deleting, or that another host owns. The blob is held in memory and stored
-base64 in JSON (4/3 of its size), fine for loader states of a few tens of MB.
-Multi-host: like every Orbax JSON item, the data item is written by the primary process
-only, so it holds process 0's loader state; per-host loader states are not stored yet.
+finalising, deleting, or that another host owns. Each host reads its own part of the
+data, so each saves and restores its own state; a run resumed with a different number
+of processes gets no data state back (None) and its input starts afresh.
 
 Typical loop (single or multi host):
 
@@ -34,7 +33,7 @@ Typical loop (single or multi host):
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import io
 import logging
 import os
@@ -48,18 +47,57 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from glipjax import paths
 
 PyTree = Any
-DataState = dict | bytes
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 BEST_MODES = ("max", "min")
 
 log = logging.getLogger(__name__)
+
+
+def _host_file(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}_of_{process_count}"
+
+
+class HostBytesHandler(ocp.AsyncCheckpointHandler):
+    """An Orbax item of per-process bytes: every process writes and reads its own file."""
+
+    async def async_save(self, directory: epath.Path, args: HostBytes) -> list[ocp.future.Future]:
+        async def write() -> None:
+            self.save(directory, args)
+
+        # Waits for Orbax to have created the item's folder (on the primary process).
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="host_bytes_save")]
+
+    def save(self, directory: epath.Path, args: HostBytes) -> None:
+        if args.blob is None:
+            raise ValueError("HostBytes to save needs its blob")
+        (directory / _host_file(jax.process_index(), jax.process_count())).write_bytes(args.blob)
+
+    def restore(self, directory: epath.Path, args: HostBytes | None = None) -> bytes | None:
+        """This process's bytes; None if they were saved by a different number of processes."""
+        count = jax.process_count()
+        path = directory / _host_file(jax.process_index(), count)
+        if path.exists():
+            return path.read_bytes()
+        saved = [p.name for p in directory.iterdir() if p.name.startswith("process_")]
+        if saved and not any(name.endswith(f"_of_{count}") for name in saved):
+            return None
+        raise FileNotFoundError(f"{path} is missing")
+
+
+@ocp.args.register_with_handler(HostBytesHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class HostBytes(ocp.args.CheckpointArgs):
+    """Save: this process's `blob`. Restore: no fields."""
+
+    blob: bytes | None = None
 
 
 class Checkpointer:
@@ -126,15 +164,18 @@ class Checkpointer:
         self,
         step: int,
         state: PyTree,
-        data_state: DataState,
+        data_state: bytes,
         metrics: dict[str, float] | None = None,
         force: bool = False,
     ) -> bool:
         """Saves `step` if it is on the interval (or `force`); returns whether it saved.
+        Every process calls it with its own `data_state`.
 
         A step that already exists is never overwritten (returns False). With keep-best,
         `metrics` should hold `best_metric` for the step to compete for best.
         """
+        if not isinstance(data_state, bytes):
+            raise TypeError(f"data_state must be bytes, got {type(data_state).__name__}")
         if self.best_metric is not None and metrics is not None and self.best_metric not in metrics:
             raise KeyError(f"metrics {sorted(metrics)} lack the best_metric {self.best_metric!r}")
         if force:
@@ -146,7 +187,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardSave(state),
-                DATA_ITEM: ocp.args.JsonSave(_encode_data_state(data_state)),
+                DATA_ITEM: HostBytes(data_state),
             }),
             metrics=metrics,
             force=force,
@@ -156,8 +197,10 @@ class Checkpointer:
         """Complete steps on disk, ascending."""
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree, DataState] | None:
+    def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree, bytes | None] | None:
         """(step, state, data_state) of the newest restorable step, or None if none exists.
+        data_state is this process's bytes, or None if the step was saved by a different
+        number of processes.
 
         `abstract_state` mirrors the saved state with jax.ShapeDtypeStruct leaves whose
         `sharding` says where each restored array goes (any mesh; arrays are resharded
@@ -171,9 +214,9 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**{
                     STATE_ITEM: ocp.args.StandardRestore(target),
-                    DATA_ITEM: ocp.args.JsonRestore(),
+                    DATA_ITEM: HostBytes(),
                 }))
-                return step, restored[STATE_ITEM], _decode_data_state(restored[DATA_ITEM])
+                return step, restored[STATE_ITEM], restored[DATA_ITEM]
             except Exception as e:  # damaged files surface as many error types
                 log.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying an earlier one",
                             step, self.directory, type(e).__name__, e)
@@ -207,22 +250,6 @@ def _abstract_leaf(leaf: Any) -> Any:
     if isinstance(leaf, jax.Array):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
     return leaf
-
-
-def _encode_data_state(data_state: DataState) -> dict[str, Any]:
-    if isinstance(data_state, bytes):
-        return {"kind": "bytes", "base64": base64.b64encode(data_state).decode("ascii")}
-    if isinstance(data_state, dict):
-        return {"kind": "json", "value": data_state}
-    raise TypeError(f"data_state must be a JSON-serialisable dict or bytes, got {type(data_state).__name__}")
-
-
-def _decode_data_state(item: dict[str, Any]) -> DataState:
-    if item.get("kind") == "bytes":
-        return base64.b64decode(item["base64"])
-    if item.get("kind") == "json":
-        return item["value"]
-    raise ValueError(f"Unknown data-state item kind {item.get('kind')!r}")
 
 
 class DirectoryState(Protocol):

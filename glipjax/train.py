@@ -146,7 +146,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         _, state, data_state = restored
-        checkpoint.unpack_loader_state(loader, data_state)
+        if data_state is None:
+            log.warning("the checkpoint's input-pipeline state was saved by a different number of processes: "
+                        "the input starts from its beginning")
+        else:
+            checkpoint.unpack_loader_state(loader, data_state)
         log.info("resumed from step %d", int(state["step"]))
     else:
         state = train_state.init_state(config, model, tx, mesh, rules, text_params, abstract)

@@ -1,5 +1,5 @@
 """Checkpointer: round trips, retention, async saves, resharding restore, SIGTERM resume,
-damaged latest steps, params export. Restored values must be bit-identical (tolerance 0)."""
+damaged latest steps, per-process data states, params export. Restored values must be bit-identical (tolerance 0)."""
 
 import os
 import pathlib
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import spawn_workers
 from glipjax import checkpoint as ckpt
 from glipjax.sharding import make_mesh
 
@@ -57,14 +58,17 @@ def mesh8():
     return make_mesh({"fsdp": 8})
 
 
-@pytest.mark.parametrize("data_state", [bytes(range(256)) * 3, {"epoch": 2, "position": [1, 5]}])
-def test_round_trip_bit_identical(tmp_path, mesh8, data_state):
+@pytest.mark.parametrize("data_state, async_save", [(bytes(range(256)) * 3, False), (b"", True)])
+def test_round_trip_bit_identical(tmp_path, mesh8, data_state, async_save):
     state = _state(mesh8)
-    with ckpt.Checkpointer(tmp_path, save_every=1, async_save=False) as c:
+    with ckpt.Checkpointer(tmp_path, save_every=1, async_save=async_save) as c:
         assert c.restore_latest(_abstract(state)) is None
         assert c.save(3, state, data_state)
+        c.wait()
         step, restored, data = c.restore_latest(_abstract(state))
-    assert step == 3 and data == data_state and type(data) is type(data_state)
+    assert step == 3 and data == data_state
+    files = (tmp_path / "checkpoints" / "3" / "data").glob("process_*")
+    assert [p.name for p in files] == ["process_0_of_1"]
     _assert_identical(state, restored)
     assert restored["params"]["dense"]["kernel"].sharding == state["params"]["dense"]["kernel"].sharding
 
@@ -163,8 +167,8 @@ def test_incomplete_or_damaged_latest_step_is_skipped(tmp_path, mesh8):
     assert (step, data) == (2, b"second")
     _assert_identical(_state(mesh8, seed=2), restored)
     assert not tmp_step.exists()  # cleaned up when the manager opens
-    # A published step whose data was damaged afterwards falls back to the one before.
-    (root / "2" / "data" / "metadata").write_text("{not json")
+    # A published step whose data file was lost afterwards falls back to the one before.
+    (root / "2" / "data" / "process_0_of_1").unlink()
     with ckpt.Checkpointer(tmp_path, save_every=1) as c:
         step, restored, data = c.restore_latest(_abstract(state))
     assert (step, data) == (1, b"first")
@@ -239,14 +243,14 @@ start = 0
 restored = c.restore_latest(abstract)
 if restored is not None:
     start, state, data = restored
-    assert data == {"position": start}, data
+    assert data == str(start).encode(), data
     print("resumed", start, float(state["w"][0]), flush=True)
 for step in range(start + 1, start + 100000):
     state = {"w": state["w"] + 1.0, "step": state["step"] + 1}
     if step == start + 3:
         ready.write_text("ok")
     if ckpt.preemption_requested(step):
-        c.save(step, state, {"position": step}, force=True)
+        c.save(step, state, str(step).encode(), force=True)
         c.wait()
         print("preempted", step, flush=True)
         break
@@ -293,3 +297,41 @@ def test_mismatched_target_fails_clearly(tmp_path, mesh8):
             (5, 4), jnp.float32, sharding=NamedSharding(mesh8, P()))
         with pytest.raises(RuntimeError, match=r"steps \[1\].*abstract_state"):
             c.restore_latest(wrong)
+
+
+_HOSTS = """
+import json, sys
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+port, pid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if count > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
+from glipjax import checkpoint as ckpt
+from glipjax.sharding import make_mesh
+sharding = NamedSharding(make_mesh({"fsdp": jax.device_count()}), P("fsdp"))
+values = np.arange(8, dtype=np.float32)
+abstract = {"w": jax.ShapeDtypeStruct((8,), np.float32, sharding=sharding)}
+with ckpt.Checkpointer(%(workdir)r, save_every=1) as c:
+    if count > 1:  # each process saves its own data state, of its own length
+        c.save(1, {"w": jax.make_array_from_callback((8,), sharding, lambda i: values[i])},
+               f"process {pid};".encode() * (pid + 2))
+        c.wait()
+    step, state, data = c.restore_latest(abstract)
+local = [np.asarray(s.data).tolist() for s in state["w"].addressable_shards]
+print(json.dumps({"step": step, "local": local, "data": None if data is None else data.decode()}))
+"""
+
+
+def test_each_process_restores_its_own_data_state(tmp_path):
+    script = tmp_path / "hosts.py"
+    script.write_text(_HOSTS % {"workdir": str(tmp_path / "run")})
+    [double] = spawn_workers(script, [2])
+    assert [r["data"] for r in double] == ["process 0;" * 2, "process 1;" * 3]
+    assert [r["local"] for r in double] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]]]
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "1" / "data").glob("process_*"))
+    assert files == ["process_0_of_2", "process_1_of_2"]
+    # One process resumes the params; the data states of two hosts do not fit it.
+    [[single]] = spawn_workers(script, [1])
+    assert single == {"step": 1, "local": [list(range(8))], "data": None}
