@@ -182,5 +182,5 @@ def detecting_run(tiny_run, tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("detecting_run")
     shutil.copy(tiny_run / "config.json", workdir)
     with checkpoint.Checkpointer(workdir, save_every=1, keep=1) as ckpt:
-        ckpt.save(run.step, {"params": params, "ema": {}}, {}, force=True)
+        ckpt.save(run.step, {"params": params, "ema": {}}, b"", force=True)
     return workdir
