@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "glip_t"
     c.model.text_encoder = ""
+    c.model.text_layers = 0  # the text encoder's first N layers only; 0 keeps them all
     c.model.head_layers = 0  # 0 keeps the preset's (6)
     c.model.fpn_channels = 0  # 0 keeps the preset's (256); also the head's width
     c.model.fusion_embed_dim = 0

@@ -35,6 +35,10 @@ def build_model(config: ml_collections.ConfigDict, load_text_weights: bool = Tru
         else:
             text_config = BertConfig.from_json_file(folder / "config.json")
     glip_config = config_from_fields(config.model, text_config, config.data.max_text_len)
+    if text_params is not None:  # model.text_layers may keep only the first layers
+        layers = glip_config.head.text.num_hidden_layers
+        encoder = {k: v for k, v in text_params["encoder"].items() if int(k.split("_")[-1]) < layers}
+        text_params = dict(text_params, encoder=encoder)
     return GLIP(glip_config, dtype=jnp.dtype(config.model.dtype)), glip_config, text_params
 
 

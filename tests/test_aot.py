@@ -15,7 +15,8 @@ from glipjax import aot, sharding, train_state
 from glipjax.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config", "configs/demo.py:tiny", "--config.model.text_encoder=", "--config.data.batch_size=4"]
+TINY = ["--config", "configs/demo.py:tiny", "--config.model.text_encoder=", "--config.model.text_layers=0",
+        "--config.data.batch_size=4"]
 
 
 def test_parse_bytes_and_mesh():
@@ -100,7 +101,7 @@ def test_bad_requests_stop_before_compiling(capsys):
         (["--devices", "64", "--mesh", "fsdp=64"], "in a fresh process"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            aot.main([*TINY[:2], "--config.model.text_encoder=", *args])
+            aot.main([*TINY[:2], "--config.model.text_encoder=", "--config.model.text_layers=0", *args])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
 

@@ -209,3 +209,19 @@ def test_config_from_fields_and_bundled_text_encoder():
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(text_params)
     with pytest.raises(ValueError, match="unknown model preset"):
         config_from_fields(ml_collections.ConfigDict(dict(preset="glip_xl")))
+
+
+def test_text_layers_keep_the_first_pretrained_layers():
+    from glipjax import pretrained, train_state
+    from glipjax.config import load_config
+
+    _, full = convert.load_hf_bert(pretrained.minilm_dir())
+    model, config, text_params = train_state.build_model(load_config("configs/demo.py", ["--config.model.text_layers=4"]))
+    assert config.text.num_hidden_layers == 4 and sorted(text_params["encoder"]) == [f"layer_{i}" for i in range(4)]
+    expected = convert.glip_abstract_params(config)["language_backbone"]
+    assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(text_params)
+    for kept, original in zip(jax.tree.leaves(text_params), jax.tree.leaves({**full, "encoder": {
+            k: v for k, v in full["encoder"].items() if k in text_params["encoder"]}})):
+        np.testing.assert_array_equal(kept, original)
+    with pytest.raises(ValueError, match="text_layers must be in 1..6"):
+        train_state.build_model(load_config("configs/demo.py", ["--config.model.text_layers=7"]))

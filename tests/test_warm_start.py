@@ -40,7 +40,7 @@ def _finetune_overrides(source, init_from) -> list[str]:
     """Overrides of configs/finetune.py:prompt that give it the `source` run config's
     model and shapes and train 2 steps from `init_from` on the fixture images."""
     fields = [(f"model.{key}", source.model[key]) for key in (
-        "preset", "text_encoder", "head_layers", "fpn_channels", "fusion_embed_dim", "fusion_heads",
+        "preset", "text_encoder", "text_layers", "head_layers", "fpn_channels", "fusion_embed_dim", "fusion_heads",
         "align_fused_text", "anchor_sizes")]
     fields += [(f"data.{key}", source.data[key]) for key in (
         "canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes")]

@@ -227,8 +227,9 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
     head_layers, fpn_channels (also the head's width), fusion_embed_dim, fusion_heads,
-    log_scale_init, align_fused_text, anchor_sizes, remat, scan_layers, prompt_tuning;
-    dropout=False turns off every dropout and Swin's stochastic depth.
+    log_scale_init, align_fused_text, anchor_sizes, remat, scan_layers, prompt_tuning,
+    text_layers (the text encoder's first N layers only); dropout=False turns off every
+    dropout and Swin's stochastic depth.
     `text` replaces the language model's config."""
     if model.preset not in PRESETS:
         raise ValueError(f"unknown model preset {model.preset!r}; choose one of {sorted(PRESETS)}")
@@ -236,6 +237,12 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
     head = config.head
     if text is not None:
         head = dataclasses.replace(head, text=text)
+    if model.get("text_layers"):
+        layers = int(model.text_layers)
+        if not 0 < layers <= head.text.num_hidden_layers:
+            raise ValueError(f"model.text_layers must be in 1..{head.text.num_hidden_layers} (the text "
+                             f"encoder's layers), got {layers}")
+        head = dataclasses.replace(head, text=dataclasses.replace(head.text, num_hidden_layers=layers))
     if model.get("head_layers"):
         head = dataclasses.replace(head, num_layers=int(model.head_layers))
     if model.get("fpn_channels"):
