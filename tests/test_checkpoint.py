@@ -1,5 +1,6 @@
 """Checkpointer: round trips, retention, async saves, resharding restore, SIGTERM resume,
-damaged latest steps, per-process data states, params export. Restored values must be bit-identical (tolerance 0)."""
+damaged latest steps, per-process data states, params export. Restored values must be
+bit-identical (tolerance 0)."""
 
 import os
 import pathlib

@@ -216,7 +216,7 @@ def test_text_layers_keep_the_first_pretrained_layers():
     from glipjax.config import load_config
 
     _, full = convert.load_hf_bert(pretrained.minilm_dir())
-    model, config, text_params = train_state.build_model(load_config("configs/demo.py", ["--config.model.text_layers=4"]))
+    _, config, text_params = train_state.build_model(load_config("configs/demo.py", ["--config.model.text_layers=4"]))
     assert config.text.num_hidden_layers == 4 and sorted(text_params["encoder"]) == [f"layer_{i}" for i in range(4)]
     expected = convert.glip_abstract_params(config)["language_backbone"]
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(text_params)
