@@ -12,17 +12,26 @@ and, on a GPU whose peak is known, model FLOPs utilisation (MFU).
 With --profile DIR, a few more steps run under the JAX profiler: DIR then holds an XProf
 trace (open it with `xprof --logdir DIR` or TensorBoard's profile plugin) and a Perfetto
 trace (perfetto_trace.json.gz, for ui.perfetto.dev) that show where the step's time goes.
+The script also prints the traced op time per step by model part (--profile-depth
+submodule levels) and pass (forward or backward), from the op names that the compiled program records for its ops (on the CPU,
+every XLA op is one trace event; ops that run at once on several threads all count).
 
 The FLOPs are XLA's count on the step as lowered, before compiling, for one CPU device
-(the same program on every backend, so the count holds for the GPU too); it includes every op and, with model.remat, the recomputed forward, so it is
-an upper estimate of the useful FLOPs. The matmul peak is the best of a few square
-matmuls in the step's compute dtype (float32 on CPU). MFU divides the achieved FLOP/s by
-the device's dense bf16 peak from its datasheet (PEAK_TFLOPS).
+(the same program on every backend, so the count holds for the GPU too); it includes
+every op and, with model.remat, the recomputed forward, so it is an upper estimate of
+the useful FLOPs. The matmul peak is the best of a few square matmuls in the step's
+compute dtype (float32 on CPU). MFU divides the achieved FLOP/s by the device's dense
+bf16 peak from its datasheet (PEAK_TFLOPS).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
 import time
 
 import jax
@@ -31,6 +40,8 @@ import numpy as np
 
 from glipjax import aot, sharding, train_state
 from glipjax.config import parse_command_line
+
+TABLE_ROWS = 30  # the longest parts of the op-time table
 
 # Dense bf16 peak per device (TFLOP/s), from the vendors' datasheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
@@ -59,6 +70,35 @@ def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
         "gt_mask": (np.arange(boxes)[None, :] < min(boxes, 4)).repeat(b, 0),
         "positive_map": positive,
     }
+
+
+def time_by_part(trace_dir: str, hlo_text: str, steps: int, depth: int = 2) -> dict[str, float]:
+    """Seconds per step of the traced XLA ops, summed over threads, by model part: the
+    GLIP method and its first `depth` submodules, with " (backward)" for the transposed
+    pass; "loss and update" for the rest of the step; "no op name" for ops the compiler
+    added (copies, layout changes). Empty when the trace names no XLA ops."""
+    op_names = dict(re.findall(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo_text))
+    traces = sorted(pathlib.Path(trace_dir).glob("plugins/profile/*/perfetto_trace.json.gz"),
+                    key=lambda f: f.stat().st_mtime)
+    if not traces:
+        return {}
+    with gzip.open(traces[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    seconds: collections.Counter[str] = collections.Counter()
+    for event in events:
+        op = event.get("args", {}).get("hlo_op")
+        if event.get("ph") != "X" or op is None:
+            continue
+        name = op_names.get(op)
+        method = re.search(rf"GLIP\.(\w+)((?:/[^/]+){{0,{depth}}})", name or "")
+        if name is None:
+            part = "no op name"
+        elif method is None:
+            part = "loss and update"
+        else:
+            part = method.group(1) + method.group(2) + (" (backward)" if "transpose(" in name else "")
+        seconds[part] += event["dur"] * 1e-6 / steps
+    return dict(seconds.most_common())
 
 
 def matmul_peak(dtype: jnp.dtype, size: int, repeats: int = 5) -> float:
@@ -105,6 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     parser.add_argument("--profile", default="", help="a folder: trace --profile-steps more steps there")
     parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--profile-depth", type=int, default=2, help="submodule levels of the op-time table")
     parser.add_argument("--matmul-size", type=int, default=0, help="0: 2048 on CPU, 8192 on accelerators")
     args, config = parse_command_line(parser)
 
@@ -138,7 +179,16 @@ def main() -> None:
             for _ in range(args.profile_steps):
                 state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
-        print(f"profile of {args.profile_steps} steps in {args.profile}", flush=True)
+        print(f"profile of {args.profile_steps} steps in {args.profile}; op time per step by part:", flush=True)
+        parts = time_by_part(args.profile, compiled.as_text(), args.profile_steps, args.profile_depth)
+        if not parts:
+            print("  (the trace names no XLA ops)")
+        total = sum(parts.values())
+        for part, seconds in list(parts.items())[:TABLE_ROWS]:
+            print(f"  {1e3 * seconds:8.1f} ms {100 * seconds / total:5.1f}%  {part}")
+        if len(parts) > TABLE_ROWS:
+            rest = total - sum(list(parts.values())[:TABLE_ROWS])
+            print(f"  {1e3 * rest:8.1f} ms {100 * rest / total:5.1f}%  the other {len(parts) - TABLE_ROWS} parts")
 
     flops = step_flops(config)
     achieved = flops / step_s / mesh.size
