@@ -13,8 +13,9 @@ With --profile DIR, a few more steps run under the JAX profiler: DIR then holds 
 trace (open it with `xprof --logdir DIR` or TensorBoard's profile plugin) and a Perfetto
 trace (perfetto_trace.json.gz, for ui.perfetto.dev) that show where the step's time goes.
 The script also prints the traced op time per step by model part (--profile-depth
-submodule levels) and pass (forward or backward), from the op names that the compiled program records for its ops (on the CPU,
-every XLA op is one trace event; ops that run at once on several threads all count).
+submodule levels) and pass (forward or backward), from the op names that the compiled
+program records for its ops (on the CPU, every XLA op is one trace event; ops that run
+at once on several threads all count).
 
 The FLOPs are XLA's count on the step as lowered, before compiling, for one CPU device
 (the same program on every backend, so the count holds for the GPU too); it includes
