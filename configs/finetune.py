@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.fusion_embed_dim = 0
     c.model.fusion_heads = 0
     c.model.align_fused_text = True  # False to start from a configs/demo.py run
+    c.model.head_deformable = True
     c.model.anchor_sizes = ()
     c.model.dtype = "float32"
     c.model.dropout = True  # False turns off every dropout and Swin's stochastic depth

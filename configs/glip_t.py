@@ -95,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.fusion_embed_dim = 0  # 0 keeps the preset's (2048)
     c.model.fusion_heads = 0  # 0 keeps the preset's (8)
     c.model.align_fused_text = True  # align regions with the head's fused text, as the reference
+    c.model.head_deformable = True  # the head's DyConv layers use modulated deformable 3x3 convs
     c.model.anchor_sizes = ()  # () keeps the preset's (64, 128, 256, 512, 1024)
     c.model.dtype = "bfloat16"  # compute dtype; params stay float32
     c.model.dropout = True  # False turns off every dropout and Swin's stochastic depth

@@ -536,6 +536,7 @@ def glip_config_from_official(
         text=text,
         use_fusion=use_fusion,
         align_fused_text=bool(fuse.get("USE_FUSED_FEATURES_DOT_PRODUCT", True)),
+        deformable=bool(_need(m, "DYHEAD").get("USE_DFCONV", False)),  # the reference's default
         num_classes=_need(m, "DYHEAD.NUM_CLASSES") - 1,
         prior_prob=float(_need(m, "DYHEAD.PRIOR_PROB")),
         log_scale_init=float(_need(m, "DYHEAD.LOG_SCALE")),

@@ -29,7 +29,7 @@ _FREE_FIELDS = ("dtype", "remat", "scan_layers", "prompt_tuning", "log_scale_ini
 
 
 # Fields newer than some saved runs, with the value their absence means.
-_ABSENT_MEANS = {"head_layers": 0, "fpn_channels": 0, "text_layers": 0}
+_ABSENT_MEANS = {"head_layers": 0, "fpn_channels": 0, "text_layers": 0, "head_deformable": True}
 
 
 def _differing_fields(config: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> list[str]:

@@ -121,20 +121,25 @@ def _prefix_read(maps, hc, wc):
     return flat.reshape(b, c, hc, wc).transpose(0, 2, 3, 1)
 
 
-def _numpy_dyconv(p, levels, groups):
+def _numpy_dyconv(p, levels, groups, deformable=True):
     """DyConv from its description; the deformable conv itself is the (separately
     tested) modulated_deform_conv, everything around it is numpy float64."""
 
     def branch(k, x, offset, mask, stride):
         conv = p[f"DyConv_{k}"]["conv"]
-        y = np.asarray(modulated_deform_conv(x, offset, mask, conv["kernel"], conv["bias"], stride=stride))
+        if deformable:
+            y = np.asarray(modulated_deform_conv(x, offset, mask, conv["kernel"], conv["bias"], stride=stride))
+        else:  # a stride-2 conv with padding 1 reads every other output of the stride-1 one
+            y = _numpy_conv3x3(x.astype(np.float64), conv["kernel"], conv["bias"])[:, ::stride, ::stride]
         return _numpy_group_norm(y.astype(np.float64), p[f"DyConv_{k}"]["bn"], groups)
 
     outs = []
     for level, x in enumerate(levels):
         h, w = x.shape[1:3]
-        om = _numpy_conv3x3(x.astype(np.float64), p["offset"]["kernel"], p["offset"]["bias"])
-        offset, mask = om[..., :18], 1 / (1 + np.exp(-om[..., 18:]))
+        offset = mask = np.zeros((x.shape[0], h, w, 27))
+        if deformable:
+            om = _numpy_conv3x3(x.astype(np.float64), p["offset"]["kernel"], p["offset"]["bias"])
+            offset, mask = om[..., :18], 1 / (1 + np.exp(-om[..., 18:]))
         branches = [branch(1, x, offset, mask, 1)]
         if level > 0:
             branches.append(branch(2, levels[level - 1], offset, mask, 2))
@@ -150,15 +155,17 @@ def _numpy_dyconv(p, levels, groups):
     return outs
 
 
-def test_dyconv_matches_numpy():
-    cfg = HeadConfig(channels=8, group_norm_groups=2, num_levels=3)
+@pytest.mark.parametrize("deformable", [True, False])
+def test_dyconv_matches_numpy(deformable):
+    cfg = HeadConfig(channels=8, group_norm_groups=2, num_levels=3, deformable=deformable)
     rng = np.random.default_rng(2)
     levels = [rng.normal(size=(2, h, w, 8)).astype(np.float32) for h, w in [(6, 7), (3, 4), (2, 2)]]
     module = DyConv(cfg)
     params = _random_params(module, 3, levels)
+    assert ("offset" in params) == deformable
     got = jax.jit(module.apply)({"params": params}, levels)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    want = _numpy_dyconv(p, levels, 2)
+    want = _numpy_dyconv(p, levels, 2, deformable)
     for g, wnt, x in zip(got, want, levels):
         assert g.shape == x.shape
         np.testing.assert_allclose(np.asarray(g), wnt, atol=TOL, rtol=0)

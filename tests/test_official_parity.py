@@ -27,18 +27,22 @@ def test_golden_cases_exist(golden_dir):
     assert golden_cases(), f"no case with golden_*.npz under {golden_dir}"
 
 
-def test_config_reads_the_alignment_text(tmp_path):
-    """FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT picks the text the regions align with."""
+def test_config_reads_the_alignment_text_and_the_conv_kind(tmp_path):
+    """FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT picks the text the regions align with;
+    DYHEAD.USE_DFCONV (absent: the reference's default, False) the head's conv kind."""
     import yaml
 
     for case in golden_cases():
         bert = case / "bert_config.json"
         bert = bert if bert.exists() else None
-        assert convert.glip_config_from_official(case / "config.yaml", bert).head.align_fused_text
+        head = convert.glip_config_from_official(case / "config.yaml", bert).head
+        assert head.align_fused_text and head.deformable
         raw = yaml.safe_load((case / "config.yaml").read_text())
         raw["MODEL"]["DYHEAD"]["FUSE_CONFIG"]["USE_FUSED_FEATURES_DOT_PRODUCT"] = False
+        del raw["MODEL"]["DYHEAD"]["USE_DFCONV"]
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
-        assert not convert.glip_config_from_official(tmp_path / "config.yaml", bert).head.align_fused_text
+        head = convert.glip_config_from_official(tmp_path / "config.yaml", bert).head
+        assert not head.align_fused_text and not head.deformable
 
 
 @pytest.fixture(scope="module")

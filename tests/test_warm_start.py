@@ -41,7 +41,7 @@ def _finetune_overrides(source, init_from) -> list[str]:
     model and shapes and train 2 steps from `init_from` on the fixture images."""
     fields = [(f"model.{key}", source.model[key]) for key in (
         "preset", "text_encoder", "text_layers", "head_layers", "fpn_channels", "fusion_embed_dim", "fusion_heads",
-        "align_fused_text", "anchor_sizes")]
+        "align_fused_text", "head_deformable", "anchor_sizes")]
     fields += [(f"data.{key}", source.data[key]) for key in (
         "canvas", "short_sides", "max_size", "eval_short_side", "eval_max_size", "max_text_len", "max_boxes")]
     fields += [("train.steps", 2), ("train.log_every", 1), ("data.batch_size", 8),
@@ -64,7 +64,7 @@ def test_a_field_newer_than_the_source_run_reads_as_its_default():
         return ml_collections.ConfigDict(dict(model=dict(preset="glip_tiny", **model), data=dict(max_text_len=64)))
 
     older = config()  # saved before model.head_layers and fpn_channels existed: the preset's
-    assert warm_start._differing_fields(config(head_layers=0, fpn_channels=0), older) == []
+    assert warm_start._differing_fields(config(head_layers=0, fpn_channels=0, head_deformable=True), older) == []
     assert warm_start._differing_fields(config(head_layers=1), older) == [
         "model.head_layers: None in the source, 1 here"]
     assert warm_start._differing_fields(config(dropout=True), config(dropout=False)) == []  # training only

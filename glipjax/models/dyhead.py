@@ -45,6 +45,9 @@ class HeadConfig:
     fusion_embed_dim: int = 2048
     fusion_heads: int = 8
     fusion_dropout: float = 0.1
+    # Modulated deformable 3x3 convs with one `offset` conv per layer (the reference's
+    # DYHEAD.USE_DFCONV, on in the released models); False: plain 3x3 convs.
+    deformable: bool = True
     group_norm_groups: int = 16
     group_norm_eps: float = 1e-5
     num_levels: int = 5
@@ -132,14 +135,19 @@ def _group_norm(config: HeadConfig, dtype: Dtype, name: str) -> nn.GroupNorm:
 
 
 class Conv3x3Norm(nn.Module):
-    """Modulated deformable 3x3 conv (`conv`) followed by GroupNorm (`bn`), in float32."""
+    """3x3 conv (`conv`: modulated deformable with the given offsets and masks, or
+    plain when the config is not deformable) followed by GroupNorm (`bn`), in float32."""
 
     config: HeadConfig
     strides: int = 1
 
     @nn.compact
-    def __call__(self, x: Array, offset: Array, mask: Array) -> Array:
-        y = ModulatedDeformConv3x3(self.config.channels, self.strides, name="conv")(x, offset, mask)
+    def __call__(self, x: Array, offset: Array | None, mask: Array | None) -> Array:
+        if self.config.deformable:
+            y = ModulatedDeformConv3x3(self.config.channels, self.strides, name="conv")(x, offset, mask)
+        else:  # the reference initialises these convs from N(0, 0.01)
+            y = layers.conv(self.config.channels, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
+                            kernel_init=nn.initializers.normal(0.01), name="conv")(x.astype(jnp.float32))
         return _group_norm(self.config, jnp.float32, "bn")(y)
 
 
@@ -171,8 +179,8 @@ class DyConv(nn.Module):
     """One DyConv layer over all pyramid levels (finest first).
 
     Level l mixes DyConv_1(x_l), DyConv_2(x_{l-1}) (stride 2) and the bilinear
-    (align_corners) upsampling of DyConv_0(x_{l+1}), all with the offsets and
-    masks of one `offset` conv on x_l; each branch is weighted by the
+    (align_corners) upsampling of DyConv_0(x_{l+1}), all (when deformable) with the
+    offsets and masks of one `offset` conv on x_l; each branch is weighted by the
     scale-aware attention hard_sigmoid(relu(AttnConv_1(avgpool(branch)))), the
     weighted branches are averaged and passed through a per-level DyReLU.
     Everything up to the DyReLU runs in float32 (as the reference's deformable
@@ -192,7 +200,7 @@ class DyConv(nn.Module):
         attn_conv = layers.conv(1, (1, 1), name="AttnConv_1",
                                 kernel_init=nn.initializers.normal(0.01))
         offset_conv = layers.conv(27, (3, 3), padding=((1, 1), (1, 1)), name="offset",
-                                  bias_init=layers.torch_bias_init(9 * c))
+                                  bias_init=layers.torch_bias_init(9 * c)) if cfg.deformable else None
         dyrelu = DyReLU(self.dtype, name="relu")
 
         for finer, coarser in zip(levels[:-1], levels[1:]):
@@ -205,9 +213,11 @@ class DyConv(nn.Module):
         outputs = []
         for level, x in enumerate(levels):
             h, w = x.shape[1:3]
-            offset_mask = offset_conv(x).astype(jnp.float32)
-            offset = offset_mask[..., :18]
-            mask = jax.nn.sigmoid(offset_mask[..., 18:])
+            offset = mask = None
+            if offset_conv is not None:
+                offset_mask = offset_conv(x).astype(jnp.float32)
+                offset = offset_mask[..., :18]
+                mask = jax.nn.sigmoid(offset_mask[..., 18:])
             branches = [branch_convs[1](x, offset, mask)]
             if level > 0:
                 branches.append(branch_convs[2](levels[level - 1], offset, mask))

@@ -227,7 +227,7 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
     """A GLIPConfig from a run config's `model` fields: preset (a PRESETS name) and
     optional changes (0, () or an absent field keeps the preset's value):
     head_layers, fpn_channels (also the head's width), fusion_embed_dim, fusion_heads,
-    log_scale_init, align_fused_text, anchor_sizes, remat, scan_layers, prompt_tuning,
+    log_scale_init, align_fused_text, head_deformable, anchor_sizes, remat, scan_layers, prompt_tuning,
     text_layers (the text encoder's first N layers only); dropout=False turns off every
     dropout and Swin's stochastic depth.
     `text` replaces the language model's config."""
@@ -255,6 +255,8 @@ def config_from_fields(model: Any, text: BertConfig | None = None, max_text_len:
         head = dataclasses.replace(head, log_scale_init=float(model.log_scale_init))
     if model.get("align_fused_text") is not None:
         head = dataclasses.replace(head, align_fused_text=bool(model.align_fused_text))
+    if model.get("head_deformable") is not None:
+        head = dataclasses.replace(head, deformable=bool(model.head_deformable))
     swin = config.swin
     if not model.get("dropout", True):
         head = dataclasses.replace(head, fusion_dropout=0.0, text=dataclasses.replace(
