@@ -166,16 +166,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # lr they stayed below 0.3 after 1200 steps, so window attention hardly depended on
     # position; at 20x they reach 1 to 4. Full runs: validation AP50 0.354 against 0.335;
     # at 128 px, 0.451 at 100x against 0.443 at 20x, but 0.467 against 0.465 with
-    # train.steps=1600; at 160 px with the settings here, 0.479 at 100x against 0.485-0.497.
+    # train.steps=1600; at 160 px with the settings here, 0.479 at 100x against 0.485 and
+    # 0.497 at 20x (two runs that differ only in rounding, see train.steps).
     c.optim.lr_factors = ((r"relative_position_bias_table$", 20.0),)
 
     c.train = ml_collections.ConfigDict()
-    # At 160 px with plain head convs, full runs: validation AP50 0.485 (swapped colours
-    # 0.023), novel pairs 0.666 with 1400 steps (12.9 minutes with the dataset built,
-    # 16.5-16.8 images/s). Other runs with a prebuilt dataset: 0.497 (0.023) with 1400
-    # steps in 12.6 minutes, before GELU was written with erf (the same function to 1e-6,
-    # so the two show the run-to-run spread), and 0.496 (0.024) with 1600 steps in 13.8
-    # minutes (17.0-17.2 images/s).
+    # At 160 px with plain head convs, full runs with a prebuilt dataset: validation AP50
+    # 0.497 (swapped colours 0.023), novel pairs 0.657 with 1400 steps in 12.6 minutes
+    # (17.0 images/s). Runs that differ only in rounding (GELU computed through erf
+    # instead of erfc) gave 0.485 (0.023) with 1400 steps, which shows the run-to-run
+    # spread, and 0.496 (0.024) with 1600 steps in 13.8 minutes (17.2 images/s).
     c.train.steps = 4 if tiny else 1400
     c.train.log_every = 1 if tiny else 50
     c.train.max_bad_steps = 20  # consecutive non-finite steps before training stops

@@ -16,13 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glipjax.models.layers import Dtype, dense, gelu, layer_norm, scan_layers
+from glipjax.models.layers import Dtype, dense, layer_norm, scan_layers
 
 # GLIP's head clamps attention scores and feed-forward values to this magnitude.
 CLAMP_VALUE = 50000.0
 
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
-    "gelu": gelu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,

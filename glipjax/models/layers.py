@@ -26,12 +26,6 @@ Initializer = Callable[..., Any]
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, x * Phi(x). The same function as nn.gelu(x, approximate=False),
-    written with erf: XLA's CPU erf runs faster than the erfc that form uses."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
-
-
 def torch_bias_init(fan_in: int) -> Initializer:
     """PyTorch's default Linear/Conv bias init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)

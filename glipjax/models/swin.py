@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax.models.layers import Dtype, conv, dense, gelu, layer_norm, torch_bias_init
+from glipjax.models.layers import Dtype, conv, dense, layer_norm, torch_bias_init
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -192,7 +192,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
-        x = gelu(x)
+        x = nn.gelu(x, approximate=False)
         return dense(self.out, ("mlp", "embed"), name="fc2", dtype=self.dtype)(x)
 
 
