@@ -106,7 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 30-class prompt, a linear readout of the FPN features learnt to 16% accuracy in 100
     # steps while the head's own outputs stayed at chance (3-5%) for 200. Full runs:
     # validation AP50 0.124 (swapped colours 0.028) with one layer against 0.094 (0.040)
-    # with two, at a 27% faster step.
+    # with two, at a 27% faster step. With the settings here (plain head convs, 160 px,
+    # 1400 steps), two layers gave 0.603 (0.029), novel pairs 0.730, shape right 53%
+    # against 0.497 (0.023), 0.657, 46%, but took 17.2 minutes (12.0-12.3 images/s
+    # against 16.8-17.0), past the demo's 15-minute budget.
     c.model.head_layers = 1
     # FPN and head width 128 instead of the preset's 64. The FPN's random 3x3 convs mix
     # each position with its neighbours (and the coarser levels), and at width 64 they
