@@ -136,7 +136,7 @@ def _numpy_dyconv(p, levels, groups, deformable=True):
     outs = []
     for level, x in enumerate(levels):
         h, w = x.shape[1:3]
-        offset = mask = np.zeros((x.shape[0], h, w, 27))
+        offset = mask = np.zeros((x.shape[0], h, w, 27))  # read only by deformable convs
         if deformable:
             om = _numpy_conv3x3(x.astype(np.float64), p["offset"]["kernel"], p["offset"]["bias"])
             offset, mask = om[..., :18], 1 / (1 + np.exp(-om[..., 18:]))
