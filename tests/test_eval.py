@@ -27,7 +27,7 @@ from glipjax.data.tokenizer import encode, load_tokenizer
 from glipjax.eval.coco import STAT_NAMES, CocoBoxEvaluator, xyxy_to_xywh
 from glipjax.eval.shapes import (
     COLOR_SWAP, AttributeTally, _eval_examples, build_prompt_chunks, detect_chunked, evaluate_shapes,
-    make_forward, prompt_names,
+    make_forward, picture_detections, prompt_names,
 )
 from glipjax.models.bert import BertConfig
 from glipjax.models.glip import GLIP, detect, glip_tiny
@@ -148,6 +148,18 @@ def test_attribute_tally_counts_found_objects_and_their_best_detection():
     tally.add_image(gt[:1], labels[:1], np.zeros((0, 4), np.float32), np.zeros(0), np.zeros(0, np.int64))
     assert tally.result() == {"found": 2 / 4, "color_right": 1 / 2, "shape_right": 0 / 2}
     assert all(np.isnan(v) for v in AttributeTally().result().values())
+
+
+def test_picture_keeps_the_best_of_overlapping_boxes_whatever_their_class():
+    boxes = np.array([
+        [0, 0, 10, 10], [0, 0, 10, 11],  # one place, two readings: IoU 10/11
+        [1, 1, 6, 6],  # inside the first, IoU 25/100: kept
+        [30, 30, 40, 40],  # elsewhere, but below the score threshold
+    ], np.float32)
+    scores = np.array([0.4, 0.6, 0.5, 0.2])
+    assert picture_detections(boxes, scores, 0.3).tolist() == [1, 2]
+    assert picture_detections(boxes, scores, 0.3, iou_threshold=0.95).tolist() == [0, 1, 2]
+    assert picture_detections(boxes, scores, 0.7).tolist() == []
 
 
 # ---------------------------------------------------------------- tiny GLIP end to end

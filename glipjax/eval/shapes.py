@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 from glipjax import draw, paths
 from glipjax.data import shapes, transforms
 from glipjax.data.pipeline import transform_config
+from glipjax.data.builders.pseudo_labels import nms_keep
 from glipjax.data.builders.shapes import load_split
 from glipjax.data.tokenizer import load_tokenizer
 from glipjax.eval.coco import CocoBoxEvaluator
@@ -90,6 +91,15 @@ class AttributeTally:
 
         return {"found": share(self.found, self.objects), "color_right": share(self.color_right, self.found),
                 "shape_right": share(self.shape_right, self.found)}
+
+
+def picture_detections(boxes: np.ndarray, scores: np.ndarray, min_score: float,
+                       iou_threshold: float = 0.5) -> np.ndarray:
+    """Indices of the detections to draw: score >= min_score, then class-agnostic NMS,
+    so overlapping boxes of other classes give way to the best-scoring one and each
+    object shows the model's best reading of it."""
+    shown = np.flatnonzero(scores >= min_score)
+    return shown[nms_keep(boxes[shown], scores[shown], iou_threshold)]
 
 
 def _eval_examples(ds: tf.data.Dataset, tcfg: transforms.TransformConfig) -> tf.data.Dataset:
@@ -152,7 +162,7 @@ def evaluate_shapes(
     novel pairs (novel split only), found, color_right and shape_right (AttributeTally),
     num_images, num_chunks, split and prompt_mode.
     With `picture`, the first picture_images images are drawn to that PNG with their
-    detections scoring at least picture_min_score.
+    detections scoring at least picture_min_score (picture_detections).
     """
     categories = split_categories(split)
     names = prompt_names(categories, prompt_mode)
@@ -187,7 +197,7 @@ def evaluate_shapes(
         results = detect_chunked(forward, params, images, sizes, chunks, max_detections)
         for example, image, (boxes, scores, labels) in zip(batch, images, results):
             if picture is not None and len(drawn) < picture_images:
-                (h, w), shown = example["image_size"], scores >= picture_min_score
+                (h, w), shown = example["image_size"], picture_detections(boxes, scores, picture_min_score)
                 drawn.append(draw.draw_boxes(
                     transforms.denormalize(image)[:h, :w], boxes[shown],
                     [names_by_id[int(label)] for label in labels[shown]], scores[shown]))
@@ -210,7 +220,7 @@ def evaluate_shapes(
     if done == 0:
         raise ValueError(f"shapes split {split!r} gave no images to evaluate")
     if picture is not None:
-        captions = [f"{split}, prompt {prompt_mode}, score >= {picture_min_score}"] * len(drawn)
+        captions = [f"{split}, prompt {prompt_mode}, score >= {picture_min_score}, class-agnostic NMS"] * len(drawn)
         with paths.as_path(picture).open("wb") as f:
             draw.image_grid(drawn, captions, cols=min(4, len(drawn))).save(f, format="PNG")
 
