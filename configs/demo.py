@@ -61,9 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Global; each host reads batch_size / hosts. With two head layers, 1400 steps of 6
     # images fit the 15 minutes where 1400 of 8 did not (see model.head_layers), and
     # reached validation AP50 0.516 against 0.497 for 1000 steps of 8, in 13.5 against
-    # 12.8 minutes (the reference's lr milestones in both). Batch 4 (2400 steps, one head layer)
-    # learnt little faster per image: the box loss left its plateau after 2,000-2,400
-    # images against 3,200 at batch 8, but ran at 16.5 against 18 images/s that day.
+    # 12.8 minutes (the reference's lr milestones in both). Batch 4 (2400 steps, one
+    # head layer) learnt little faster per image: the box loss left its plateau after
+    # 2,000-2,400 images against 3,200 at batch 8, but ran at 16.5 against 18 images/s.
     c.data.batch_size = 8 if tiny else 6
     c.data.canvas = (96, 96) if tiny else (160, 160)  # (height, width), multiples of 32
     # The default upscales the drawn 128 px images to 160 px, in training and evaluation:

@@ -153,7 +153,7 @@ def test_attribute_tally_counts_found_objects_and_their_best_detection():
 def test_picture_keeps_the_best_of_overlapping_boxes_whatever_their_class():
     boxes = np.array([
         [0, 0, 10, 10], [0, 0, 10, 11],  # one place, two readings: IoU 10/11
-        [1, 1, 6, 6],  # inside the first, IoU 25/100: kept
+        [1, 1, 6, 6],  # inside both, IoU 25/110 with the kept one: kept
         [30, 30, 40, 40],  # elsewhere, but below the score threshold
     ], np.float32)
     scores = np.array([0.4, 0.6, 0.5, 0.2])

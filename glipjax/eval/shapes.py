@@ -220,7 +220,8 @@ def evaluate_shapes(
     if done == 0:
         raise ValueError(f"shapes split {split!r} gave no images to evaluate")
     if picture is not None:
-        captions = [f"{split}, prompt {prompt_mode}, score >= {picture_min_score}, class-agnostic NMS"] * len(drawn)
+        caption = f"{split}, prompt {prompt_mode}, score >= {picture_min_score}, class-agnostic NMS"
+        captions = [caption] * len(drawn)
         with paths.as_path(picture).open("wb") as f:
             draw.image_grid(drawn, captions, cols=min(4, len(drawn))).save(f, format="PNG")
 
