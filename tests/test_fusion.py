@@ -1,6 +1,8 @@
 """Fusion block vs a float64 numpy implementation of the reference formulas.
 
-Tolerance: 1e-5 absolute on outputs of magnitude O(1) (float32 compute).
+Tolerance: 1e-5 absolute on outputs of magnitude O(1) (float32 compute). Gradients
+are checked against the same formulas differentiated by jax in float32, to 1e-4 of
+each array's largest entry (1e-2 where the logits pass the clamp).
 """
 
 import flax.linen as nn
@@ -10,31 +12,33 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glipjax.models.fusion import VLFuse
+from glipjax.models.fusion import VLFuse, flatten_levels, split_levels
 
 TOL = 1e-5
 EMBED, HEADS, CV, CL = 32, 4, 16, 12
 LEVEL_SHAPES = [(4, 5), (2, 3), (1, 2)]
 
 
-def _ln(x, p, eps=1e-5):
+def _ln(x, p, eps=1e-5, xp=np):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+    return (x - mu) / xp.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
+def _softmax(x, xp=np):
+    e = xp.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
 
-def reference_block(p, v, l, mask, heads):
-    """BiAttentionBlock written from the formulas, float64 numpy."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+def reference_block(p, v, l, mask, heads, xp=np):
+    """BiAttentionBlock written from the formulas: float64 numpy, or with xp=jnp the
+    same formulas in float32 jax (to differentiate them)."""
+    if xp is np:
+        p, v, l = jax.tree.map(lambda a: np.asarray(a, np.float64), (p, v, l))
     a = p["attn"]
     lin = lambda x, name: x @ a[name]["kernel"] + a[name]["bias"]  # noqa: E731
-    v = _ln(np.asarray(v, np.float64), p["layer_norm_v"])
-    l = _ln(np.asarray(l, np.float64), p["layer_norm_l"])
+    v = _ln(v, p["layer_norm_v"], xp=xp)
+    l = _ln(l, p["layer_norm_l"], xp=xp)
     b, n, _ = v.shape
     length = l.shape[1]
     e = a["v_proj"]["kernel"].shape[1]
@@ -42,14 +46,14 @@ def reference_block(p, v, l, mask, heads):
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d)  # noqa: E731
     q = split(lin(v, "v_proj") * d ** -0.5)
     k = split(lin(l, "l_proj"))
-    logits = np.clip(np.einsum("bnhd,blhd->bhnl", q, k), -50000, 50000)
-    lt = np.swapaxes(logits, -1, -2)
-    lt = np.clip(lt - lt.max(-1, keepdims=True), -50000, 50000)
-    probs_l = _softmax(lt)
-    m = np.asarray(mask, np.float64)
-    probs_v = _softmax(logits + np.where(m == 0, -9e15, m)[:, None, None, :])
-    out_v = np.einsum("bhnl,blhd->bnhd", probs_v, split(lin(l, "values_l_proj"))).reshape(b, n, e)
-    out_l = np.einsum("bhln,bnhd->blhd", probs_l, split(lin(v, "values_v_proj"))).reshape(b, length, e)
+    logits = xp.clip(xp.einsum("bnhd,blhd->bhnl", q, k), -50000, 50000)
+    lt = xp.swapaxes(logits, -1, -2)
+    lt = xp.clip(lt - lt.max(-1, keepdims=True), -50000, 50000)
+    probs_l = _softmax(lt, xp)
+    m = xp.asarray(mask, logits.dtype)
+    probs_v = _softmax(logits + xp.where(m == 0, -9e15, m)[:, None, None, :], xp)
+    out_v = xp.einsum("bhnl,blhd->bnhd", probs_v, split(lin(l, "values_l_proj"))).reshape(b, n, e)
+    out_l = xp.einsum("bhln,bnhd->blhd", probs_l, split(lin(v, "values_v_proj"))).reshape(b, length, e)
     return v + p["gamma_v"] * lin(out_v, "out_v_proj"), l + p["gamma_l"] * lin(out_l, "out_l_proj")
 
 
@@ -102,6 +106,36 @@ def test_clamped_logits_match(setup):
     out_levels, out_text = apply({"params": big}, levels, text, mask)
     np.testing.assert_allclose(_tokens(out_levels), want_v, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(out_text), want_l, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("scale, tol", [(1.0, 1e-4), (300.0, 1e-2)], ids=["plain", "clamped"])
+def test_gradients_match_the_formulas(setup, scale, tol):
+    """Gradients of a weighted sum of the outputs with respect to params, image tokens
+    and text equal those of the formulas (the reference's transposes and clamps) in
+    float32 jax, to `tol` of each array's largest entry. The scale 300 on the query and
+    key kernels makes logits pass +-50000, as above; float32 logits of that size keep
+    only about 1e-2 of the softmax's derivatives, whatever the order of the ops."""
+    _, _, params, levels, text, mask, _ = setup
+    params = jax.tree.map(lambda a: a, params)
+    for name in ("v_proj", "l_proj"):
+        params["b_attn"]["attn"][name]["kernel"] = params["b_attn"]["attn"][name]["kernel"] * scale
+    tokens = jnp.asarray(_tokens(levels))
+    rng = np.random.default_rng(2)
+    weight_v, weight_l = rng.normal(size=tokens.shape), rng.normal(size=text.shape)
+    module = VLFuse(EMBED, HEADS, dropout=0.1, init_value=0.5)
+
+    def module_loss(p, v, l):
+        out_levels, out_text = module.apply({"params": p}, split_levels(v, LEVEL_SHAPES), l, mask)
+        return jnp.sum(flatten_levels(out_levels) * weight_v) + jnp.sum(out_text * weight_l)
+
+    def formula_loss(p, v, l):
+        out_v, out_l = reference_block(p["b_attn"], v, l, mask, HEADS, xp=jnp)
+        return jnp.sum(out_v * weight_v) + jnp.sum(out_l * weight_l)
+
+    got = jax.grad(module_loss, argnums=(0, 1, 2))(params, tokens, text)
+    want = jax.grad(formula_loss, argnums=(0, 1, 2))(params, tokens, text)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=tol * float(np.abs(w).max()), rtol=0)
 
 
 def test_padded_tokens_do_not_reach_visual(setup):
