@@ -168,12 +168,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     step = int(state["step"])
     metrics: dict[str, Any] = {}
     evaluated: dict[str, float] | None = None
+    previous: dict[str, Any] | None = None
     while step < total_steps:
         batch = next(loader)
         with sharding.sharding_context(mesh, rules):
             state, metrics = step_fn(state, batch)
         step += 1
-        check_bad_streak(int(metrics["bad_streak"]), config.train.max_bad_steps, workdir)
+        if previous is not None:  # the step before, read once this one is queued: the host does not wait
+            check_bad_streak(int(previous["bad_streak"]), config.train.max_bad_steps, workdir)
+        previous = metrics
         if step % config.train.log_every == 0 or step == total_steps:
             writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
         evaluated = None
@@ -183,6 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             writer.write(step, evaluated)
         preempted = checkpoint.preemption_requested(step)
         if preempted or step % save_every == 0 or step == total_steps or (best and evaluated):
+            check_bad_streak(int(metrics["bad_streak"]), config.train.max_bad_steps, workdir)
             ckpt.save(step, state, checkpoint.pack_loader_state(loader), metrics=evaluated if best else None,
                       force=True)
         if preempted:

@@ -1,14 +1,29 @@
 """The training loop's own parts: the progress and metrics writer, and the stop after
-too many consecutive non-finite steps."""
+too many consecutive non-finite steps (alone, and in a training run fed NaN images)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from etils import epath
 
+from conftest import REPO, SMALL_TRAIN, child_env
 from glipjax.train import MetricWriter, check_bad_streak
+
+# `python -m glipjax.train` whose loader multiplies every batch's images by NaN.
+NAN_TRAIN = """
+import sys
+import numpy as np
+from glipjax import train
+from glipjax.data import pipeline
+
+read = pipeline.DataLoader.__next__
+pipeline.DataLoader.__next__ = lambda self: dict(batch := read(self), images=batch["images"] * np.nan)
+train.main(sys.argv[1:])
+"""
 
 
 def test_bad_streak_stops_at_the_limit(tmp_path):
@@ -16,6 +31,24 @@ def test_bad_streak_stops_at_the_limit(tmp_path):
     check_bad_streak(2, 3, epath.Path(tmp_path))
     with pytest.raises(FloatingPointError, match=r"3 consecutive steps .* \(train.max_bad_steps = 3\)"):
         check_bad_streak(3, 3, epath.Path(tmp_path))
+
+
+@pytest.mark.slow
+def test_training_on_nan_images_stops_at_the_limit_without_saving(tmp_path, tiny_run):
+    """Every step is non-finite: the run stops with the limit's error once two are in a
+    row (train.max_bad_steps=2), before any checkpoint (tiny_run compiled the step)."""
+    workdir = tmp_path / "nan"
+    command = [sys.executable, "-c", NAN_TRAIN, "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
+               *SMALL_TRAIN, "--config.eval.splits=()", "--config.checkpoint.save_every=100",
+               "--config.train.max_bad_steps=2"]
+    result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode != 0
+    assert "FloatingPointError: 2 consecutive steps with a non-finite loss or gradient" in result.stderr, \
+        result.stderr[-3000:]
+    assert not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["bad_streak"] == r["step"] for r in logged)  # the tiny config logs every step
 
 
 def test_metric_writer_logs_rate_eta_jsonl_and_tensorboard(tmp_path, capsys):
