@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from glipjax import paths, sharding
+from glipjax import logs, paths, sharding
 from glipjax.config import parse_command_line
 from glipjax.runs import Run, RunError, load_run
 from glipjax.train import _initialize_hosts
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     checkpoint = paths.as_path(args.checkpoint)
     if not checkpoint.is_dir():
         parser.error(f"--checkpoint {checkpoint}: no such directory")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.to_console()
     _initialize_hosts(args)
     paths.enable_compilation_cache()
     try:

@@ -45,7 +45,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from glipjax import draw, paths, phrases, preprocess, sharding
+from glipjax import draw, logs, paths, phrases, preprocess, sharding
 from glipjax.config import parse_command_line
 from glipjax.data.builders.pseudo_labels import nms_keep
 from glipjax.data.prompts import positive_map
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         problems.append(f"pseudo_label.phrases must be auto, spacy or rules, got {settings.phrases!r}")
     if problems:
         parser.error("; ".join(problems))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.to_console()
     _initialize_hosts(args)
     paths.enable_compilation_cache()
     try:
