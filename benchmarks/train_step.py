@@ -8,6 +8,8 @@ and, on a GPU whose peak is known, model FLOPs utilisation (MFU).
   python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=8 \\
       --config.model.dtype=bfloat16                                   # GPU MFU (goal >= 45%)
   python benchmarks/train_step.py --config configs/demo.py --profile runs/profile  # + a trace
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/train_step.py \
+      --config configs/demo.py                     # with tcmalloc (glipjax/tcmalloc.py)
 
 With --profile DIR, a few more steps run under the JAX profiler: DIR then holds an XProf
 trace (open it with `xprof --logdir DIR` or TensorBoard's profile plugin) and a Perfetto
@@ -39,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax import aot, sharding, train_state
+from glipjax import aot, sharding, tcmalloc, train_state
 from glipjax.config import parse_command_line
 
 TABLE_ROWS = 30  # the longest parts of the op-time table
@@ -159,7 +161,7 @@ def main() -> None:
     batch = sharding.shard_batch(random_batch(config, np.random.default_rng(0)), mesh, rules)
     print(f"{config.model.preset} ({config.model.dtype}), batch {config.data.batch_size} of "
           f"{tuple(config.data.canvas)}, text {config.data.max_text_len}, mesh {dict(mesh.shape)} on "
-          f"{mesh.size} x {device.device_kind}", flush=True)
+          f"{mesh.size} x {device.device_kind}, {'tcmalloc' if tcmalloc.loaded() else 'system malloc'}", flush=True)
 
     start = time.perf_counter()
     lowered = lower_step(config, state, batch, mesh, rules)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from glipjax import checkpoint, paths, sharding, train_state
+from glipjax import checkpoint, logs, paths, sharding, tcmalloc, train_state
 from glipjax.config import parse_command_line
 from glipjax.models.glip import GLIP
 
@@ -211,8 +211,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-processes", type=int, default=0, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index")
     args, config = parse_command_line(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logs.to_console()
     _initialize_hosts(args)
+    if jax.default_backend() == "cpu" and (advice := tcmalloc.hint()):
+        log.info(advice)
     paths.enable_compilation_cache()
     train(config, args.workdir)
 
