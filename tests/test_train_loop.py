@@ -48,7 +48,9 @@ def test_training_on_nan_images_stops_at_the_limit_without_saving(tmp_path, tiny
         result.stderr[-3000:]
     assert not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["bad_streak"] == r["step"] for r in logged)  # the tiny config logs every step
+    # The tiny config logs every step: the run stopped at the third, before logging it.
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(r["bad_streak"] == r["step"] for r in logged)
 
 
 def test_metric_writer_logs_rate_eta_jsonl_and_tensorboard(tmp_path, capsys):
