@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glipjax.models.conv import conv_nhwc
+
 Dtype = Any
 Initializer = Callable[..., Any]
 
@@ -70,7 +72,8 @@ def conv(
     kernel_init: Initializer = TORCH_LINEAR_INIT,
     bias_init: Initializer = nn.initializers.zeros,
 ) -> nn.Conv:
-    """nn.Conv (NHWC, kernel [kh, kw, in, out]) with logical axes on its params."""
+    """nn.Conv (NHWC, kernel [kh, kw, in, out]) with logical axes on its params, run
+    through conv.conv_nhwc (gradients in the same order: fast on XLA:CPU in loops too)."""
     return nn.Conv(
         features,
         tuple(kernel_size),
@@ -81,6 +84,7 @@ def conv(
         param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
         bias_init=nn.with_logical_partitioning(bias_init, ("conv_out",)),
+        conv_general_dilated=conv_nhwc,
         name=name,
     )
 
