@@ -89,6 +89,17 @@ def test_matches_numpy_formulas(setup):
     np.testing.assert_allclose(np.asarray(out_text), want_l, atol=TOL, rtol=0)
 
 
+def test_one_image_matches_its_row_of_a_batch(setup):
+    """A batch of one takes its own path (no batch axis in the attention)."""
+    _, _, params, levels, text, mask, apply = setup
+    out_levels, out_text = apply({"params": params}, levels, text, mask)
+    for i in range(2):
+        one_levels, one_text = apply({"params": params}, [x[i:i + 1] for x in levels], text[i:i + 1],
+                                     mask[i:i + 1])
+        np.testing.assert_allclose(_tokens(one_levels), _tokens(out_levels)[i:i + 1], atol=TOL, rtol=0)
+        np.testing.assert_allclose(one_text, out_text[i:i + 1], atol=TOL, rtol=0)
+
+
 def test_clamped_logits_match(setup):
     """Query and key kernels scaled so that logits exceed +-50000 and the clamp acts."""
     _, _, params, levels, text, mask, apply = setup
