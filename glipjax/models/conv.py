@@ -30,11 +30,13 @@ def _conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, precisi
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_SPECS, precision=precision)
 
 
-def _conv_fwd(x, kernel, strides, pads, precision):
+def _conv_fwd(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+              precision: Any) -> tuple[Array, tuple[Array, Array]]:
     return _conv(x, kernel, strides, pads, precision), (x, kernel)
 
 
-def _conv_bwd(strides, pads, precision, residuals, g):
+def _conv_bwd(strides: tuple[int, int], pads: Pads, precision: Any, residuals: tuple[Array, Array],
+              g: Array) -> tuple[Array, Array]:
     x, kernel = residuals
     k_hw = kernel.shape[:2]
     # Input rows (or columns) past the last window: they get no gradient.
