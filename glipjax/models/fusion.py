@@ -73,9 +73,9 @@ class BiMultiHeadAttention(nn.Module):
         logits = jnp.einsum("...nd,...ld->...nl", query, key).astype(jnp.float32)
         logits = jnp.clip(logits, -CLAMP_VALUE, CLAMP_VALUE)
 
-        logits_l = jnp.swapaxes(logits, -1, -2)
-        logits_l = logits_l - jnp.max(logits_l, axis=-1, keepdims=True)
-        probs_l = jax.nn.softmax(jnp.clip(logits_l, -CLAMP_VALUE, CLAMP_VALUE), axis=-1)
+        # text<-image on the same (visual, text) layout: softmax over the visual axis.
+        logits_l = logits - jnp.max(logits, axis=-2, keepdims=True)
+        probs_l = jax.nn.softmax(jnp.clip(logits_l, -CLAMP_VALUE, CLAMP_VALUE), axis=-2)
 
         if text_mask is not None:
             mask = text_mask.astype(jnp.float32)
@@ -88,7 +88,7 @@ class BiMultiHeadAttention(nn.Module):
         probs_l = drop(probs_l, deterministic=deterministic).astype(self.dtype)
 
         out_v = merge_heads(jnp.einsum("...nl,...ld->...nd", probs_v, value_l))
-        out_l = merge_heads(jnp.einsum("...ln,...nd->...ld", probs_l, value_v))
+        out_l = merge_heads(jnp.einsum("...nl,...nd->...ld", probs_l, value_v))
         out_v = dense(v_dim, ("heads", "embed"), name="out_v_proj", dtype=self.dtype,
                       kernel_init=XAVIER_UNIFORM)(out_v)
         out_l = dense(l_dim, ("heads", "embed"), name="out_l_proj", dtype=self.dtype,
