@@ -167,8 +167,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (0.67, 0.89): a run this short is still learning shapes at full lr. Full runs with
     # the settings here: validation AP50 0.580 (swapped colours 0.025), novel pairs
     # 0.713, against 0.548 (0.023), 0.713 at (0.8, 0.95) and 0.516 (0.024), 0.659 at
-    # the reference's; still later, (0.95, 0.99), gave 0.583 (0.021), 0.711. A run with
-    # the settings here after a change of the fusion's rounding gave 0.572 (0.032), 0.704.
+    # the reference's; still later, (0.95, 0.99), gave 0.583 (0.021), 0.711. Runs with
+    # the settings here after changes of the fusion's rounding gave 0.572 (0.032), 0.704
+    # and 0.583 (0.039), 0.714.
     c.optim.decay_milestones = (0.9, 0.97)
     # MiniLM's embeddings and lower layers stay fixed; its top two layers (of the four
     # kept) train (at optim.text_lr_factor x lr), so the token features can adapt to the
