@@ -8,19 +8,21 @@ checkpoints and evaluation, final report. Rerunning the same command resumes fro
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
 import sys
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from glipjax import checkpoint, logs, paths, sharding, tcmalloc, train_state
+from glipjax import aot, checkpoint, logs, paths, sharding, tcmalloc, train_state
 from glipjax.config import parse_command_line
 from glipjax.models.glip import GLIP
 
@@ -99,6 +101,20 @@ class MetricWriter:
             self.tb.close()
 
 
+def _in_background(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+    """fn(*args, **kwargs) in a daemon thread: the process does not wait for it to exit."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="input", daemon=True).start()
+    return future
+
+
 def check_bad_streak(streak: int, limit: int, workdir: epath.Path) -> None:
     """Stops training (FloatingPointError) once `limit` consecutive steps were skipped
     for a non-finite loss or gradient."""
@@ -121,21 +137,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     rules = sharding.rules_from_config(config)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
-    # ---------------------------------------------------------------- input
+    # ---------------------------------------------------------------- input, opened in the background
+    # Opening the input builds a TFDS dataset on first use (the demo's shapes: about
+    # half a minute); it runs while the step below compiles and the state is created.
     from glipjax.data.pipeline import DataLoader
 
     data_dir = paths.data_dir(config, workdir)
-    loader = DataLoader(config, data_dir, mesh=mesh, rules=rules)
+    loader_future = _in_background(DataLoader, config, data_dir, mesh=mesh, rules=rules)
     batch_size = config.data.batch_size
 
-    # ---------------------------------------------------------------- model, optimizer, update step
+    # ---------------------------------------------------------------- model, optimizer, compiled update step
     model, glip_config, text_params = train_state.build_model(config)
     tx, schedule = train_state.make_tx(config)
     abstract = train_state.abstract_state(config, model, tx, mesh, rules)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
+    log.info("model %s: %s parameters; compiling the update step", config.model.preset, f"{n_params:,}")
     step_fn = train_state.jit_train_step(
         train_state.make_train_step(config, model, glip_config, tx, schedule), abstract, mesh, rules)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
-    log.info("model %s: %s parameters", config.model.preset, f"{n_params:,}")
+    if loader_future.done():
+        loader_future.result()  # a bad input config stops the run here, before the compile
+    with sharding.sharding_context(mesh, rules):
+        step_fn = step_fn.lower(abstract, aot.abstract_batch(config, mesh, rules)).compile()
 
     # ---------------------------------------------------------------- sharded state: resumed or new
     save_every = config.checkpoint.save_every
@@ -146,12 +168,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         _, state, data_state = restored
-        if data_state is None:
-            log.warning("the checkpoint's input-pipeline state was saved by a different number of processes: "
-                        "the input starts from its beginning")
-        else:
-            checkpoint.unpack_loader_state(loader, data_state)
-        log.info("resumed from step %d", int(state["step"]))
     else:
         state = train_state.init_state(config, model, tx, mesh, rules, text_params, abstract)
         if config.train.get("init_from"):
@@ -161,6 +177,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             if config.optim.ema_decay:
                 state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
             log.info("params initialised from %s", config.train.init_from)
+    loader = loader_future.result()
+    if restored is not None:
+        if data_state is None:
+            log.warning("the checkpoint's input-pipeline state was saved by a different number of processes: "
+                        "the input starts from its beginning")
+        else:
+            checkpoint.unpack_loader_state(loader, data_state)
+        log.info("resumed from step %d", int(state["step"]))
     checkpoint.install_sigterm_handler()
 
     # ---------------------------------------------------------------- loop
@@ -170,9 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     evaluated: dict[str, float] | None = None
     previous: dict[str, Any] | None = None
     while step < total_steps:
-        batch = next(loader)
-        with sharding.sharding_context(mesh, rules):
-            state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, next(loader))
         step += 1
         if previous is not None:  # the step before, read once this one is queued: the host does not wait
             check_bad_streak(int(previous["bad_streak"]), config.train.max_bad_steps, workdir)

@@ -1,5 +1,6 @@
-"""The training loop's own parts: the progress and metrics writer, and the stop after
-too many consecutive non-finite steps (alone, and in a training run fed NaN images)."""
+"""The training loop's own parts: the progress and metrics writer, the stop after too
+many consecutive non-finite steps (alone, and in a training run fed NaN images), and
+the input's errors, raised while it opens in the background."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from etils import epath
 
 from conftest import REPO, SMALL_TRAIN, child_env
+from glipjax import train
+from glipjax.config import load_config
 from glipjax.train import MetricWriter, check_bad_streak
 
 # `python -m glipjax.train` whose loader multiplies every batch's images by NaN.
@@ -51,6 +54,19 @@ def test_training_on_nan_images_stops_at_the_limit_without_saving(tmp_path, tiny
     # The tiny config logs every step: the run stopped at the third, before logging it.
     assert [r["step"] for r in logged] == [1, 2]
     assert all(r["bad_streak"] == r["step"] for r in logged)
+
+
+def test_a_bad_input_config_stops_the_run_before_the_step_compiles(tmp_path, monkeypatch):
+    """The input opens in a background thread while the step compiles; its error
+    (here an unknown source kind) stops the run first, not after the compile."""
+    config = load_config("configs/demo.py:tiny", [*SMALL_TRAIN, "--config.data.sources.shapes_detection.kind=nope"])
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the update step was compiled before the input's error was raised")
+
+    monkeypatch.setattr(train.aot, "abstract_batch", no_compile)
+    with pytest.raises(ValueError, match=r"data.sources.shapes_detection.kind: unknown kind 'nope'"):
+        train.train(config, tmp_path / "run")
 
 
 def test_metric_writer_logs_rate_eta_jsonl_and_tensorboard(tmp_path, capsys):

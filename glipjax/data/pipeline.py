@@ -271,15 +271,16 @@ def open_sources(
     data = cfg.data
     if not data.sources:
         raise ValueError("data.sources is empty; configure at least one source.")
-    sources = []
-    for name in data.sources:
+    for name in data.sources:  # every source's fields before any is opened (opening may build a dataset)
         src = data.sources[name]
         if src.kind not in SOURCE_KINDS:
             raise ValueError(f"data.sources.{name}.kind: unknown kind {src.kind!r}; choose one of {SOURCE_KINDS}.")
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight must be positive, got {src.weight}.")
-        opener = _OPENERS[src.kind]
-        source = opener(name, src, data, paths.as_path(data_dir), process_index, process_count)
+    sources = []
+    for name in data.sources:
+        src = data.sources[name]
+        source = _OPENERS[src.kind](name, src, data, paths.as_path(data_dir), process_index, process_count)
         if source.prompt not in PROMPTS:
             raise ValueError(f"data.sources.{name}.prompt: unknown prompt {source.prompt!r}; choose one of {PROMPTS}.")
         if source.prompt != "caption" and not source.class_names:
