@@ -8,8 +8,10 @@ and, on a GPU whose peak is known, model FLOPs utilisation (MFU).
   python benchmarks/train_step.py --config configs/glip_t.py --config.data.batch_size=8 \\
       --config.model.dtype=bfloat16                                   # GPU MFU (goal >= 45%)
   python benchmarks/train_step.py --config configs/demo.py --profile runs/profile  # + a trace
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/train_step.py \
-      --config configs/demo.py                     # with tcmalloc (glipjax/tcmalloc.py)
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/train_step.py \\
+      --config configs/demo.py                     # with tcmalloc (glipjax/allocator.py)
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 python benchmarks/train_step.py \\
+      --config configs/demo.py                     # without the huge pages the commands turn on
 
 With --profile DIR, a few more steps run under the JAX profiler: DIR then holds an XProf
 trace (open it with `xprof --logdir DIR` or TensorBoard's profile plugin) and a Perfetto
@@ -41,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax import aot, sharding, tcmalloc, train_state
+from glipjax import allocator, aot, sharding, train_state
 from glipjax.config import parse_command_line
 
 TABLE_ROWS = 30  # the longest parts of the op-time table
@@ -161,7 +163,7 @@ def main() -> None:
     batch = sharding.shard_batch(random_batch(config, np.random.default_rng(0)), mesh, rules)
     print(f"{config.model.preset} ({config.model.dtype}), batch {config.data.batch_size} of "
           f"{tuple(config.data.canvas)}, text {config.data.max_text_len}, mesh {dict(mesh.shape)} on "
-          f"{mesh.size} x {device.device_kind}, {'tcmalloc' if tcmalloc.loaded() else 'system malloc'}", flush=True)
+          f"{mesh.size} x {device.device_kind}, {allocator.describe()}", flush=True)
 
     start = time.perf_counter()
     lowered = lower_step(config, state, batch, mesh, rules)
@@ -210,4 +212,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    allocator.use_huge_pages()
     main()

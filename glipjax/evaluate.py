@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from glipjax import logs, paths, sharding
+from glipjax import allocator, logs, paths, sharding
 from glipjax.config import parse_command_line
 from glipjax.runs import Run, RunError, load_run
 from glipjax.train import _initialize_hosts
@@ -206,4 +206,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    allocator.use_huge_pages()
     main()

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from glipjax import draw, paths, preprocess, runs, sharding
+from glipjax import allocator, draw, paths, preprocess, runs, sharding
 from glipjax.data.tokenizer import load_tokenizer
 from glipjax.inference import (ImageDetections, Forward, build_prompt_chunks, detect_chunked, make_forward,
                                whole_forward)
@@ -229,4 +229,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    allocator.use_huge_pages()
     main()

@@ -45,7 +45,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from glipjax import draw, logs, paths, phrases, preprocess, sharding
+from glipjax import allocator, draw, logs, paths, phrases, preprocess, sharding
 from glipjax.config import parse_command_line
 from glipjax.data.builders.pseudo_labels import nms_keep
 from glipjax.data.prompts import positive_map
@@ -349,4 +349,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
+    allocator.use_huge_pages()
     main()

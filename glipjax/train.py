@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from glipjax import aot, checkpoint, logs, paths, sharding, tcmalloc, train_state
+from glipjax import allocator, aot, checkpoint, logs, paths, sharding, train_state
 from glipjax.config import parse_command_line
 from glipjax.models.glip import GLIP
 
@@ -235,11 +235,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, config = parse_command_line(parser, argv)
     logs.to_console()
     _initialize_hosts(args)
-    if jax.default_backend() == "cpu" and (advice := tcmalloc.hint()):
-        log.info(advice)
+    if jax.default_backend() == "cpu":
+        log.info("memory allocator: %s (glipjax/allocator.py)", allocator.describe())
+        if advice := allocator.hint():
+            log.info(advice)
     paths.enable_compilation_cache()
     train(config, args.workdir)
 
 
 if __name__ == "__main__":
+    allocator.use_huge_pages()
     main()
