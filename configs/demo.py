@@ -187,8 +187,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr_factors = ((r"relative_position_bias_table$", 20.0),)
 
     c.train = ml_collections.ConfigDict()
-    # With the settings here, a full run with a prebuilt dataset took 13.6 minutes
-    # (11.4-11.7 images/s). With one head layer, batch 8 and the reference's lr
+    # With the settings here, README's first command took 12.0 minutes on a fresh clone
+    # (11.0 for the training command, at 14.0-14.7 images/s). With one head layer, batch 8 and the reference's lr
     # milestones, 1400 steps gave validation AP50 0.497 (swapped colours 0.023), and a
     # run that differs only in rounding (GELU computed through erf instead of erfc) gave
     # 0.485 (0.023), which shows the run-to-run spread; 1600 steps of that run gave
