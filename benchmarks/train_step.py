@@ -31,6 +31,11 @@ bf16 peak from its datasheet (PEAK_TFLOPS).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the command may re-execute itself once (glipjax/allocator.py)
+    from glipjax import allocator
+
+    allocator.use_huge_pages()
+
 import argparse
 import collections
 import gzip
@@ -212,5 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    allocator.use_huge_pages()
     main()

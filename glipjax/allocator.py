@@ -88,7 +88,8 @@ def huge_pages_environment(environ: Mapping[str, str], libc: tuple[str, str], th
 def use_huge_pages() -> None:
     """Re-executes this command (sys.orig_argv) with glibc's huge pages for malloc where
     huge_pages_environment says they help; returns without doing anything otherwise.
-    Call it first thing under `if __name__ == "__main__":`, never from library code."""
+    A command calls it under `if __name__ == "__main__":` above its other imports, which
+    would otherwise run twice; library code never calls it."""
     if not sys.platform.startswith("linux") or not sys.executable or loaded():
         return
     try:

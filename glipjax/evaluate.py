@@ -23,6 +23,11 @@ the environment).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the command may re-execute itself once (glipjax/allocator.py)
+    from glipjax import allocator
+
+    allocator.use_huge_pages()
+
 import argparse
 import json
 import logging
@@ -35,7 +40,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from glipjax import allocator, logs, paths, sharding
+from glipjax import logs, paths, sharding
 from glipjax.config import parse_command_line
 from glipjax.runs import Run, RunError, load_run
 from glipjax.train import _initialize_hosts
@@ -206,5 +211,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    allocator.use_huge_pages()
     main()

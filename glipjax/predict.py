@@ -24,6 +24,11 @@ with one "error: ..." line and exit status 2.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the command may re-execute itself once (glipjax/allocator.py)
+    from glipjax import allocator
+
+    allocator.use_huge_pages()
+
 import argparse
 import json
 import logging
@@ -37,7 +42,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from glipjax import allocator, draw, paths, preprocess, runs, sharding
+from glipjax import draw, paths, preprocess, runs, sharding
 from glipjax.data.tokenizer import load_tokenizer
 from glipjax.inference import (ImageDetections, Forward, build_prompt_chunks, detect_chunked, make_forward,
                                whole_forward)
@@ -229,5 +234,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    allocator.use_huge_pages()
     main()

@@ -31,6 +31,11 @@ annotations=<out>/pseudo_labels.jsonl.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the command may re-execute itself once (glipjax/allocator.py)
+    from glipjax import allocator
+
+    allocator.use_huge_pages()
+
 import argparse
 import dataclasses
 import json
@@ -45,7 +50,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from glipjax import allocator, draw, logs, paths, phrases, preprocess, sharding
+from glipjax import draw, logs, paths, phrases, preprocess, sharding
 from glipjax.config import parse_command_line
 from glipjax.data.builders.pseudo_labels import nms_keep
 from glipjax.data.prompts import positive_map
@@ -349,5 +354,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    allocator.use_huge_pages()
     main()

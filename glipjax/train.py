@@ -7,6 +7,11 @@ checkpoints and evaluation, final report. Rerunning the same command resumes fro
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: the command may re-execute itself once (glipjax/allocator.py)
+    from glipjax import allocator
+
+    allocator.use_huge_pages()
+
 import argparse
 import concurrent.futures
 import json
@@ -244,5 +249,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    allocator.use_huge_pages()
     main()
