@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glipjax.models.fusion import VLFuse, flatten_levels, split_levels
+from glipjax.models.fusion import VLFuse, clamp, flatten_levels, split_levels
 
 TOL = 1e-5
 EMBED, HEADS, CV, CL = 32, 4, 16, 12
@@ -196,3 +197,14 @@ def test_bad_text_mask_raises(setup):
     module, variables, _, levels, text, _, _ = setup
     with pytest.raises(ValueError, match="text_mask"):
         module.apply(variables, levels, text, jnp.ones((2, 5), jnp.int32))
+
+
+def test_clamp_values_and_gradient_equal_torch_clamp():
+    """Values and gradients at, inside and beyond the limits, as torch.clamp gives them."""
+    x = np.array([-7.0, -5.0, -4.999, -1.0, 0.0, 2.5, 5.0, 5.001, 9.0], np.float32)
+    weight = np.arange(1, x.size + 1, dtype=np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    (torch.clamp(tx, -5.0, 5.0) * torch.tensor(weight)).sum().backward()
+    value, grad = jax.value_and_grad(lambda a: jnp.sum(clamp(a, 5.0) * weight))(jnp.asarray(x))
+    np.testing.assert_array_equal(clamp(jnp.asarray(x), 5.0), torch.clamp(tx, -5.0, 5.0).detach().numpy())
+    np.testing.assert_array_equal(grad, tx.grad.numpy())

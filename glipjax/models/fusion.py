@@ -28,6 +28,13 @@ LAYER_NORM_EPS = 1e-5
 XAVIER_UNIFORM = nn.initializers.xavier_uniform()
 
 
+def clamp(x: Array, limit: float = CLAMP_VALUE) -> Array:
+    """x clamped to [-limit, limit], with the gradient passed where |x| <= limit (as
+    torch.clamp). Unlike jnp.clip, whose gradient keeps ratio arrays of x's size from
+    the forward pass, its gradient is a select on x."""
+    return jnp.where(x > limit, limit, jnp.where(x < -limit, -limit, x))
+
+
 class BiMultiHeadAttention(nn.Module):
     """Shared-logit attention image<-text and text<-image (params v_proj, l_proj,
     values_v_proj, values_l_proj, out_v_proj, out_l_proj).
@@ -71,11 +78,11 @@ class BiMultiHeadAttention(nn.Module):
         value_l = proj("values_l_proj", l)
 
         logits = jnp.einsum("...nd,...ld->...nl", query, key).astype(jnp.float32)
-        logits = jnp.clip(logits, -CLAMP_VALUE, CLAMP_VALUE)
+        logits = clamp(logits)
 
         # text<-image on the same (visual, text) layout: softmax over the visual axis.
         logits_l = logits - jnp.max(logits, axis=-2, keepdims=True)
-        probs_l = jax.nn.softmax(jnp.clip(logits_l, -CLAMP_VALUE, CLAMP_VALUE), axis=-2)
+        probs_l = jax.nn.softmax(clamp(logits_l), axis=-2)
 
         if text_mask is not None:
             mask = text_mask.astype(jnp.float32)
