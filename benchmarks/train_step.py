@@ -40,8 +40,12 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import pathlib
+import platform
 import re
+import resource
+import sys
 import time
 
 import jax
@@ -111,6 +115,16 @@ def time_by_part(trace_dir: str, hlo_text: str, steps: int, depth: int = 2) -> d
     return dict(seconds.most_common())
 
 
+def processor() -> str:
+    """The host CPU's model name and core count (figures are comparable only on the same kind)."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+        name = re.search(r"^model name\s*:\s*(.+)$", info, re.M).group(1).strip()
+    except (OSError, AttributeError):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def matmul_peak(dtype: jnp.dtype, size: int, repeats: int = 5) -> float:
     """Best FLOP/s of an n x n x n matmul in `dtype` on the default device."""
     a = jnp.ones((size, size), dtype)
@@ -168,7 +182,8 @@ def main() -> None:
     batch = sharding.shard_batch(random_batch(config, np.random.default_rng(0)), mesh, rules)
     print(f"{config.model.preset} ({config.model.dtype}), batch {config.data.batch_size} of "
           f"{tuple(config.data.canvas)}, text {config.data.max_text_len}, mesh {dict(mesh.shape)} on "
-          f"{mesh.size} x {device.device_kind}, {allocator.describe()}", flush=True)
+          f"{mesh.size} x {device.device_kind}{f' ({processor()})' if device.platform == 'cpu' else ''}, "
+          f"{allocator.describe()}", flush=True)
 
     start = time.perf_counter()
     lowered = lower_step(config, state, batch, mesh, rules)
@@ -211,6 +226,9 @@ def main() -> None:
     peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
     if peak_bytes is not None:
         print(f"peak memory {peak_bytes / 2**30:.1f} GiB of {device.device_kind}")
+    elif device.platform == "cpu":
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        print(f"peak resident memory {max_rss / 2**30:.1f} GiB")
     spec = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device.device_kind.lower()), None)
     if spec is not None:
         print(f"MFU {100 * achieved / (spec * 1e12):.1f}% of the {device.device_kind} bf16 peak ({spec:.0f} TFLOP/s)")
