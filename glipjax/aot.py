@@ -15,10 +15,10 @@ arguments + outputs - aliased + temporaries; with --hbm, a total over the budget
 with status 1 and says what to change, so a run is checked before a pod is booked.
 
 The figures are XLA:CPU's. Argument and output sizes are those of any backend; the
-temporaries are an upper estimate: XLA:CPU schedules for the CPU, may compute bfloat16
-ops in float32, and does not show the savings of rematerialisation (jax.checkpoint; on
-a toy 16-layer MLP it reported more temporary memory with it than without). TPU and
-GPU compilers need less.
+temporaries are an estimate: XLA:CPU schedules for the CPU and may compute bfloat16 ops
+in float32, so TPU and GPU compilers usually need less. It shows rematerialisation's
+savings on GLIP-T (docs/scaling.md: 11.71 GiB with remat, 31.27 GiB without) but not
+always (a toy 16-layer MLP with jax.checkpoint on each layer: more with it than without).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # comes from the HLO passes before it.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STATE_ONLY_NOTE = "not compiled (--state-only): state and batch only, activations and temporaries not counted"
-NOTE = ("XLA:CPU estimate: argument/output sizes hold on any backend; temporaries are an upper estimate "
-        "(no rematerialisation savings, bfloat16 work may count as float32; TPU/GPU need less)")
+NOTE = ("XLA:CPU estimate: argument/output sizes hold on any backend; temporaries are XLA:CPU's "
+        "(bfloat16 work may count as float32; TPU/GPU usually need less)")
 
 
 class AotError(ValueError):
