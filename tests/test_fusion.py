@@ -13,7 +13,8 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from glipjax.models.fusion import VLFuse, clamp, flatten_levels, split_levels
+from glipjax.models.fusion import VLFuse, flatten_levels, split_levels
+from glipjax.models.layers import clamp
 
 TOL = 1e-5
 EMBED, HEADS, CV, CL = 32, 4, 16, 12

@@ -16,10 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glipjax.models.layers import Dtype, dense, layer_norm, scan_layers
-
-# GLIP's head clamps attention scores and feed-forward values to this magnitude.
-CLAMP_VALUE = 50000.0
+from glipjax.models.layers import Dtype, clamp, dense, layer_norm, scan_layers
 
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -103,7 +100,7 @@ class BertSelfAttention(nn.Module):
         q, k, v = heads("query"), heads("key"), heads("value")
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
         if self.clamp:
-            scores = jnp.clip(scores, -CLAMP_VALUE, CLAMP_VALUE)
+            scores = clamp(scores)
         probs = nn.softmax(scores + mask_bias, axis=-1).astype(self.dtype)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, cfg.hidden_size)
@@ -125,10 +122,10 @@ class BertAddNorm(nn.Module):
         y = dense(cfg.hidden_size, (self.in_axis, "embed"), name="dense", dtype=self.dtype)(x)
         y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
         if self.clamp:
-            y = jnp.clip(y, -CLAMP_VALUE, CLAMP_VALUE)
+            y = clamp(y)
         y = layer_norm(cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype)(y + residual)
         if self.clamp:
-            y = jnp.clip(y, -CLAMP_VALUE, CLAMP_VALUE)
+            y = clamp(y)
         return y
 
 
@@ -161,10 +158,10 @@ class BertIntermediate(nn.Module):
         cfg = self.config
         y = dense(cfg.intermediate_size, ("embed", "mlp"), name="dense", dtype=self.dtype)(x)
         if self.clamp:
-            y = jnp.clip(y, -CLAMP_VALUE, CLAMP_VALUE)
+            y = clamp(y)
         y = ACTIVATIONS[cfg.hidden_act](y)
         if self.clamp:
-            y = jnp.clip(y, -CLAMP_VALUE, CLAMP_VALUE)
+            y = clamp(y)
         return nn.with_logical_constraint(y, ("batch", "length", "mlp"))
 
 

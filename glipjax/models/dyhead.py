@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glipjax.models import layers
-from glipjax.models.bert import CLAMP_VALUE, BertConfig, BertLayer
+from glipjax.models.bert import BertConfig, BertLayer
 from glipjax.models.dcn import ModulatedDeformConv3x3, conv_output_size
 from glipjax.models.fusion import VLFuse
 from glipjax.models.layers import Dtype, scan_layers
@@ -412,5 +412,5 @@ class VLDyHead(nn.Module):
             out["centerness"].append(ctr_conv(v).astype(jnp.float32))
             queries = v.reshape(b, h * w, c).astype(jnp.float32)
             logits = jnp.einsum("bnc,blc->bnl", queries, tokens) / jnp.exp(log_scale) + token_bias[:, None, :]
-            out["dot_product_logits"].append(jnp.clip(logits, -CLAMP_VALUE, CLAMP_VALUE))
+            out["dot_product_logits"].append(layers.clamp(logits))
         return out

@@ -15,24 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glipjax.models.layers import Dtype, dense, layer_norm
+from glipjax.models.layers import Dtype, clamp, dense, layer_norm
 
 Array = jax.Array
 
-# Logits are clamped to this magnitude (the reference's float16 safety clamp).
-CLAMP_VALUE = 50000.0
 # Added to the logits of padded text tokens when visual tokens attend to text.
 MASKED_LOGIT = -9e15
 LAYER_NORM_EPS = 1e-5
 
 XAVIER_UNIFORM = nn.initializers.xavier_uniform()
-
-
-def clamp(x: Array, limit: float = CLAMP_VALUE) -> Array:
-    """x clamped to [-limit, limit], with the gradient passed where |x| <= limit (as
-    torch.clamp). Unlike jnp.clip, whose gradient keeps ratio arrays of x's size from
-    the forward pass, its gradient is a select on x."""
-    return jnp.where(x > limit, limit, jnp.where(x < -limit, -limit, x))
 
 
 class BiMultiHeadAttention(nn.Module):

@@ -26,6 +26,9 @@ Dtype = Any
 Initializer = Callable[..., Any]
 
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# GLIP clamps the fusion's logits and the head's attention scores, feed-forward values
+# and alignment logits to this magnitude (the reference's float16 safety clamp).
+CLAMP_VALUE = 50000.0
 
 
 def torch_bias_init(fan_in: int) -> Initializer:
@@ -87,6 +90,13 @@ def conv(
         conv_general_dilated=conv_nhwc,
         name=name,
     )
+
+
+def clamp(x: jax.Array, limit: float = CLAMP_VALUE) -> jax.Array:
+    """x clamped to [-limit, limit], with the gradient passed where |x| <= limit (as
+    torch.clamp). Unlike jnp.clip, whose gradient keeps ratio arrays of x's size from
+    the forward pass and passes half at the limit, its gradient is a select on x."""
+    return jnp.where(x > limit, limit, jnp.where(x < -limit, -limit, x))
 
 
 def layer_norm(eps: float, *, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
