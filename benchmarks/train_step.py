@@ -45,7 +45,6 @@ import pathlib
 import platform
 import re
 import resource
-import sys
 import time
 
 import jax
@@ -226,9 +225,8 @@ def main() -> None:
     peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
     if peak_bytes is not None:
         print(f"peak memory {peak_bytes / 2**30:.1f} GiB of {device.device_kind}")
-    elif device.platform == "cpu":
-        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        print(f"peak resident memory {max_rss / 2**30:.1f} GiB")
+    elif device.platform == "cpu":  # ru_maxrss is in KiB (Linux), as in the other benchmarks
+        print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     spec = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in device.device_kind.lower()), None)
     if spec is not None:
         print(f"MFU {100 * achieved / (spec * 1e12):.1f}% of the {device.device_kind} bf16 peak ({spec:.0f} TFLOP/s)")
