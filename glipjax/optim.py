@@ -129,49 +129,45 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     return lambda step: warmup(step) * decay(step)
 
 
+def param_group(path: str, config: ml_collections.ConfigDict) -> str:
+    """Group label of the param at `path` (see param_groups)."""
+    if any(re.search(p, path) for p in (*ALWAYS_FROZEN, *config.frozen)):
+        return "frozen"
+    group = "text" if path.startswith(TEXT_PREFIX) else "base"
+    *modules, name = path.split("/")
+    if "bias" in path:
+        group += "_bias"
+    elif name == "scale" and modules and _NORM_MODULE.search(modules[-1]):
+        group += "_norm"
+    factor = next((i for i, (p, _) in enumerate(config.lr_factors) if re.search(p, path)), None)
+    return group if factor is None else f"{group}@{factor}"
+
+
 def param_groups(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
     """Group label per param, a tree shaped like `params`: "frozen" or one of "base",
     "base_bias", "base_norm", "text", "text_bias", "text_norm", followed by "@i" when
     lr_factors[i] is the first entry whose regex finds the path. Raises ValueError
     for a `frozen` or `lr_factors` pattern that matches no param."""
-    frozen = [re.compile(p) for p in (*ALWAYS_FROZEN, *config.frozen)]
-    scaled = [re.compile(p) for p, _ in config.lr_factors]
-    used, used_scaled = set(), set()
-
-    def label(keypath: tuple[Any, ...], _: Any) -> str:
-        path = param_path(keypath)
-        factor = next((i for i, p in enumerate(scaled) if p.search(path)), None)
-        if factor is not None:
-            used_scaled.add(factor)
-        hits = {i for i, p in enumerate(frozen) if p.search(path)}
-        if hits:
-            used.update(hits)
-            return "frozen"
-        group = "text" if path.startswith(TEXT_PREFIX) else "base"
-        *modules, name = path.split("/")
-        if "bias" in path:
-            group += "_bias"
-        elif name == "scale" and modules and _NORM_MODULE.search(modules[-1]):
-            group += "_norm"
-        return group if factor is None else f"{group}@{factor}"
-
-    labels = jax.tree_util.tree_map_with_path(label, params)
-    unused = [frozen[i].pattern for i in range(len(ALWAYS_FROZEN), len(frozen)) if i not in used]
-    if unused:
-        raise ValueError(f"optim.frozen patterns match no parameter: {unused}")
-    unused = [scaled[i].pattern for i in range(len(scaled)) if i not in used_scaled]
-    if unused:
-        raise ValueError(f"optim.lr_factors patterns match no parameter: {unused}")
-    return labels
+    paths = [param_path(keypath) for keypath, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for field, patterns in (("frozen", config.frozen), ("lr_factors", [p for p, _ in config.lr_factors])):
+        unused = [p for p in patterns if not any(re.search(p, path) for path in paths)]
+        if unused:
+            raise ValueError(f"optim.{field} patterns match no parameter: {unused}")
+    return jax.tree_util.tree_map_with_path(lambda keypath, _: param_group(param_path(keypath), config), params)
 
 
-def _adamw_group(schedule: optax.Schedule, lr_factor: float, weight_decay: float) -> optax.GradientTransformation:
-    """torch AdamW for one group: p -= lr_g * (adam + wd * p), lr_g = lr_factor * lr."""
-    return optax.chain(
-        optax.scale_by_adam(ADAM_B1, ADAM_B2, ADAM_EPS),
-        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-        optax.scale_by_learning_rate(lambda step: lr_factor * schedule(step)),
-    )
+def _scale_by_group(settings: Callable[[str], tuple[float, float]]) -> optax.GradientTransformation:
+    """u -> factor * (u + weight_decay * p), with `settings(path)` the (lr factor, weight
+    decay) of the param's group. Looked up by path, so it works inside optax.masked."""
+
+    def update(updates: PyTree, state: optax.EmptyState, params: PyTree = None) -> tuple[PyTree, optax.EmptyState]:
+        def one(keypath: tuple[Any, ...], u: jax.Array, p: jax.Array) -> jax.Array:
+            factor, decay = settings(param_path(keypath))
+            return factor * (u + decay * p) if decay else factor * u
+
+        return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def _clip_and_skip_nonfinite(inner: optax.GradientTransformation, trainable: Callable[[PyTree], PyTree],
@@ -219,9 +215,6 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     """
     schedule = make_schedule(config, total_steps)
 
-    def labels(tree: PyTree) -> PyTree:
-        return param_groups(tree, config)
-
     wd, bias_wd = config.weight_decay, config.bias_weight_decay
     norm_wd = wd if config.norm_weight_decay else 0.0
     text, bias = config.text_lr_factor, config.bias_lr_factor
@@ -229,15 +222,23 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
         "base": (1.0, wd), "base_bias": (bias, bias_wd), "base_norm": (1.0, norm_wd),
         "text": (text, wd), "text_bias": (text * bias, bias_wd), "text_norm": (text, norm_wd),
     }
-    transforms = {"frozen": optax.set_to_zero()}
-    for group, (factor, decay) in group_settings.items():
-        transforms[group] = _adamw_group(schedule, factor, decay)
-        for i, (_, extra) in enumerate(config.lr_factors):
-            transforms[f"{group}@{i}"] = _adamw_group(schedule, factor * float(extra), decay)
-    groups = optax.multi_transform(transforms, labels)
+
+    def settings(path: str) -> tuple[float, float]:
+        group, _, extra = param_group(path, config).partition("@")
+        factor, decay = group_settings[group]
+        return (factor * float(config.lr_factors[int(extra)][1]) if extra else factor), decay
 
     def trainable(tree: PyTree) -> PyTree:
-        return jax.tree.map(lambda g: g != "frozen", labels(tree))
+        return jax.tree.map(lambda g: g != "frozen", param_groups(tree, config))
+
+    def frozen(tree: PyTree) -> PyTree:
+        return jax.tree.map(lambda g: g == "frozen", param_groups(tree, config))
+
+    # One Adam state for all trainable params (frozen ones hold no moments), with each
+    # group's lr factor and weight decay applied per param.
+    adamw = optax.chain(optax.scale_by_adam(ADAM_B1, ADAM_B2, ADAM_EPS), _scale_by_group(settings),
+                        optax.scale_by_learning_rate(schedule))
+    groups = optax.chain(optax.masked(adamw, trainable), optax.masked(optax.set_to_zero(), frozen))
 
     k = int(config.grad_accum_steps)
     if k == 1:

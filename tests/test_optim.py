@@ -173,6 +173,19 @@ def test_lr_factors_scale_their_params_only():
         np.testing.assert_allclose(u[path], expected, rtol=1e-5, err_msg=path)
 
 
+def test_one_adam_state_for_all_groups():
+    """Groups and lr_factors share one pair of moments; frozen params hold none."""
+    config = _config(lr_factors=((r"^backbone/", 3.0),), frozen=(r"^head/bias_lang$",))
+    tx = make_optimizer(config, total_steps=100)
+    state = tx.init(_params())
+    (_, mu), = optax.tree_utils.tree_get_all_with_path(state, "mu")
+    (_, nu), = optax.tree_utils.tree_get_all_with_path(state, "nu")
+    frozen = {"head/bias_lang", "head/cls_logits/kernel", "head/cls_logits/bias"}
+    for moments in (mu, nu):
+        held = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(moments)[0]}
+        assert held == set(EXPECTED) - frozen
+
+
 def test_norm_weight_decay_switch():
     params = _params()
     tx = make_optimizer(_config(norm_weight_decay=False), total_steps=100)
