@@ -25,7 +25,10 @@ The FLOPs are XLA's count on the step as lowered, before compiling, for one CPU 
 (the same program on every backend, so the count holds for the GPU too); it includes
 every op and, with model.remat, the recomputed forward, so it is an upper estimate of
 the useful FLOPs. The matmul peak is the best of a few square matmuls in the step's
-compute dtype (float32 on CPU). MFU divides the achieved FLOP/s by the device's dense
+compute dtype (float32 on CPU). Each timed step waits for the one before; images/s and
+the achieved FLOP/s come from their mean, and the median is printed too: on the CPU some
+steps run up to twice as long as the rest, their first writes to the step's freshly
+mapped temporaries waiting on the kernel (docs/benchmarks.md). MFU divides the achieved FLOP/s by the device's dense
 bf16 peak from its datasheet (PEAK_TFLOPS).
 """
 
@@ -190,13 +193,15 @@ def main() -> None:
     print(f"compile {time.perf_counter() - start:.1f} s (lowering included)", flush=True)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / args.steps
-    print(f"step {step_s:.3f} s, {config.data.batch_size / step_s:.2f} images/s, loss {float(metrics['loss']):.4f}",
-          flush=True)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s, median_s = float(np.mean(times)), float(np.median(times))
+    print(f"step {step_s:.3f} s (median {median_s:.3f}, {min(times):.3f}-{max(times):.3f} over {args.steps}), "
+          f"{config.data.batch_size / step_s:.2f} images/s, loss {float(metrics['loss']):.4f}", flush=True)
 
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
@@ -219,9 +224,10 @@ def main() -> None:
     dtype = jnp.dtype(config.model.dtype)
     size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
     peak = matmul_peak(dtype, size)
+    at_median = flops / median_s / mesh.size
     print(f"{flops / 1e9:.1f} GFLOP per step; achieved {achieved / 1e9:.1f} GFLOP/s per device = "
           f"{100 * achieved / peak:.0f}% of the measured {dtype.name} matmul peak ({peak / 1e9:.1f} GFLOP/s, "
-          f"{size}^3)")
+          f"{size}^3); at the median step {at_median / 1e9:.1f} GFLOP/s = {100 * at_median / peak:.0f}%")
     peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
     if peak_bytes is not None:
         print(f"peak memory {peak_bytes / 2**30:.1f} GiB of {device.device_kind}")
