@@ -26,10 +26,10 @@ The FLOPs are XLA's count on the step as lowered, before compiling, for one CPU 
 every op and, with model.remat, the recomputed forward, so it is an upper estimate of
 the useful FLOPs. The matmul peak is the best of a few square matmuls in the step's
 compute dtype (float32 on CPU). Each timed step waits for the one before; images/s and
-the achieved FLOP/s come from their mean, and the median is printed too: on the CPU some
-steps run up to twice as long as the rest, their first writes to the step's freshly
-mapped temporaries waiting on the kernel (docs/benchmarks.md). MFU divides the achieved FLOP/s by the device's dense
-bf16 peak from its datasheet (PEAK_TFLOPS).
+the achieved FLOP/s come from their mean, and the median is printed too: on the CPU a
+few steps can take up to twice as long as the rest, as when the first writes to the
+step's freshly mapped temporaries wait on the kernel (docs/benchmarks.md). MFU divides
+the achieved FLOP/s by the device's dense bf16 peak from its datasheet (PEAK_TFLOPS).
 """
 
 from __future__ import annotations
