@@ -1,6 +1,7 @@
 """The bundled shapes dataset: generator rules, TFDS builder determinism and
 annotation validity (configs/demo.py:tiny)."""
 
+import logging
 import re
 import subprocess
 import sys
@@ -183,6 +184,18 @@ def test_same_config_gives_byte_identical_records(built):
     assert files_a == files_b and len(files_a) >= 4
     for rel in files_a:
         assert (dir_a / rel).read_bytes() == (dir_b / rel).read_bytes(), rel
+
+
+def test_builders_do_not_log_the_custom_config_notice(built, tiny_cfg, caplog):
+    from glipjax.data.builders import shapes as shapes_builder
+
+    _, (dir_a, _) = built
+    with caplog.at_level(logging.INFO):
+        shapes_builder.shapes_builder(tiny_cfg.data.shapes, dir_a)
+        logging.getLogger("absl").warning("another absl warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert "another absl warning" in messages
+    assert not [m for m in messages if m.startswith("Using custom data configuration")]
 
 
 def test_split_sizes_follow_the_config(built, records, tiny_cfg):
