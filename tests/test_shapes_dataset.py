@@ -190,7 +190,7 @@ def test_builders_do_not_log_the_custom_config_notice(built, tiny_cfg, caplog):
     from glipjax.data.builders import shapes as shapes_builder
 
     _, (dir_a, _) = built
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # other modules may have raised absl's level
         shapes_builder.shapes_builder(tiny_cfg.data.shapes, dir_a)
         logging.getLogger("absl").warning("another absl warning")
     messages = [record.getMessage() for record in caplog.records]
