@@ -63,12 +63,15 @@ TABLE_ROWS = 30  # the longest parts of the op-time table
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v4": 275.0}
 
 
-def flops_of(lowered) -> float:
-    """FLOPs of a jax.stages.Lowered by XLA's cost analysis (nan where the backend has none)."""
-    analysis = lowered.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return float((analysis or {}).get("flops", float("nan")))
+def flops_of(*lowered) -> float:
+    """FLOPs of jax.stages.Lowered programs by XLA's cost analysis (nan where the backend has none)."""
+    total = 0.0
+    for program in lowered:
+        analysis = program.cost_analysis()
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0]
+        total += float((analysis or {}).get("flops", float("nan")))
+    return total
 
 
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -88,12 +91,13 @@ def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def time_by_part(trace_dir: str, hlo_text: str, steps: int, depth: int = 2) -> dict[str, float]:
+def time_by_part(trace_dir: str, hlo_texts: list[str], steps: int, depth: int = 2) -> dict[str, float]:
     """Seconds per step of the traced XLA ops, summed over threads, by model part: the
     GLIP method and its first `depth` submodules, with " (backward)" for the transposed
     pass; "loss and update" for the rest of the step; "no op name" for ops the compiler
     added (copies, layout changes). Empty when the trace names no XLA ops."""
-    op_names = dict(re.findall(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo_text))
+    op_names = {(re.match(r"HloModule ([\w.\-]+)", text).group(1), op): name for text in hlo_texts
+                for op, name in re.findall(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", text)}
     traces = sorted(pathlib.Path(trace_dir).glob("plugins/profile/*/perfetto_trace.json.gz"),
                     key=lambda f: f.stat().st_mtime)
     if not traces:
@@ -102,10 +106,10 @@ def time_by_part(trace_dir: str, hlo_text: str, steps: int, depth: int = 2) -> d
         events = json.load(f)["traceEvents"]
     seconds: collections.Counter[str] = collections.Counter()
     for event in events:
-        op = event.get("args", {}).get("hlo_op")
+        op, module = event.get("args", {}).get("hlo_op"), event.get("args", {}).get("hlo_module")
         if event.get("ph") != "X" or op is None:
             continue
-        name = op_names.get(op)
+        name = op_names.get((module, op))
         method = re.search(rf"GLIP\.(\w+)((?:/[^/]+){{0,{depth}}})", name or "")
         if name is None:
             part = "no op name"
@@ -140,16 +144,6 @@ def matmul_peak(dtype: jnp.dtype, size: int, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def lower_step(config, state, batch, mesh, rules, load_text_weights: bool = True):
-    """The trainer's jitted update step for `config`, lowered for (state, batch)."""
-    model, glip_config, _ = train_state.build_model(config, load_text_weights)
-    tx, schedule = train_state.make_tx(config)
-    step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
-                                      state, mesh, rules)
-    with sharding.sharding_context(mesh, rules):
-        return step.lower(state, batch)
-
-
 def step_flops(config) -> float:
     """XLA's FLOP count of the step, lowered (not compiled) for one CPU device from
     abstract state and batch: the same program on every backend. A GPU's compiled count
@@ -159,11 +153,13 @@ def step_flops(config) -> float:
     config.model.scan_layers = False
     mesh = sharding.make_mesh({}, jax.devices("cpu")[:1])
     rules = sharding.rules_from_config(config)
-    model, _, _ = train_state.build_model(config, load_text_weights=False)
-    tx, _ = train_state.make_tx(config)
+    model, glip_config, _ = train_state.build_model(config, load_text_weights=False)
+    tx, schedule = train_state.make_tx(config)
     state = train_state.abstract_state(config, model, tx, mesh, rules)
     batch = aot.abstract_batch(config, mesh, rules)
-    return flops_of(lower_step(config, state, batch, mesh, rules, load_text_weights=False))
+    step = train_state.jit_train_step(config, model, glip_config, tx, schedule, state, mesh, rules)
+    with sharding.sharding_context(mesh, rules):
+        return flops_of(*step.lower(state, batch))
 
 
 def main() -> None:
@@ -178,8 +174,8 @@ def main() -> None:
     device = jax.devices()[0]
     mesh = sharding.make_mesh(dict(config.sharding.mesh))
     rules = sharding.rules_from_config(config)
-    model, _, text_params = train_state.build_model(config)
-    tx, _ = train_state.make_tx(config)
+    model, glip_config, text_params = train_state.build_model(config)
+    tx, schedule = train_state.make_tx(config)
     state = train_state.init_state(config, model, tx, mesh, rules, text_params)
     batch = sharding.shard_batch(random_batch(config, np.random.default_rng(0)), mesh, rules)
     print(f"{config.model.preset} ({config.model.dtype}), batch {config.data.batch_size} of "
@@ -188,8 +184,9 @@ def main() -> None:
           f"{allocator.describe()}", flush=True)
 
     start = time.perf_counter()
-    lowered = lower_step(config, state, batch, mesh, rules)
-    compiled = lowered.compile()
+    step = train_state.jit_train_step(config, model, glip_config, tx, schedule, state, mesh, rules)
+    with sharding.sharding_context(mesh, rules):
+        compiled = step.compile(state, batch)
     print(f"compile {time.perf_counter() - start:.1f} s (lowering included)", flush=True)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -209,7 +206,8 @@ def main() -> None:
                 state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
         print(f"profile of {args.profile_steps} steps in {args.profile}; op time per step by part:", flush=True)
-        parts = time_by_part(args.profile, compiled.as_text(), args.profile_steps, args.profile_depth)
+        parts = time_by_part(args.profile, [program.as_text() for program in compiled], args.profile_steps,
+                             args.profile_depth)
         if not parts:
             print("  (the trace names no XLA ops)")
         total = sum(parts.values())

@@ -3,16 +3,20 @@
   python -m glipjax.aot --config configs/glip_t.py --mesh data=1,fsdp=8,tensor=1 --devices 8
       [--hbm 16GiB] [--out report.json] [--state-only] [--config.data.batch_size=8 ...]
 
-The step (glipjax.train_state, exactly what the trainer jits) is lowered with the
-abstract state and an abstract global batch of the config's shapes on a mesh of N
-CPU devices simulated on this machine (XLA_FLAGS=--xla_force_host_platform_device_count
-=N; nothing is allocated), compiled, and XLA's memory analysis of one device's
-partitioned program is reported: arguments (params, optimizer state, EMA, batch shard),
-outputs, their aliasing (the state is donated), and temporaries (activations kept for
-the backward pass plus scratch). Params, optimizer-state and EMA bytes per device are
-also summed from the shardings (shard shape x item size). The per-device total is
-arguments + outputs - aliased + temporaries; with --hbm, a total over the budget exits
-with status 1 and says what to change, so a run is checked before a pod is booked.
+The step (glipjax.train_state, exactly what the trainer jits: a gradients program and
+an update program) is lowered with the abstract state and an abstract global batch of
+the config's shapes on a mesh of N CPU devices simulated on this machine
+(XLA_FLAGS=--xla_force_host_platform_device_count=N; nothing is allocated), compiled,
+and XLA's memory analysis of one device's partitioned programs is reported: for the
+gradients program its outputs (gradients, loss) and temporaries (activations kept for
+the backward pass plus scratch); for the update program its arguments (state,
+gradients), outputs, their aliasing (state and gradients are donated) and temporaries.
+Params, optimizer-state, EMA and batch bytes per device are summed from the shardings
+(shard shape x item size). Each program's peak is what is live while it runs: the
+gradients program's is state + batch + outputs + temporaries, the update's arguments +
+outputs - aliased + temporaries; the per-device total is the larger. With --hbm, a
+total over the budget exits with status 1 and says what to change, so a run is checked
+before a pod is booked.
 
 The figures are XLA:CPU's. Argument and output sizes are those of any backend; the
 temporaries are an estimate: XLA:CPU schedules for the CPU and may compute bfloat16 ops
@@ -161,19 +165,23 @@ def analyze(config: Any, mesh: Any, rules: Any, compile_step: bool = True) -> di
     }
     compile_s = None
     if compile_step:
-        step = train_state.jit_train_step(
-            train_state.make_train_step(config, model, glip_config, tx, schedule), state, mesh, rules)
+        step = train_state.jit_train_step(config, model, glip_config, tx, schedule, state, mesh, rules)
         start = time.perf_counter()
         with sharding.sharding_context(mesh, rules):
-            compiled = step.lower(state, batch).compile(FAST_COMPILE)
+            compiled = step.compile(state, batch, FAST_COMPILE)
         compile_s = round(time.perf_counter() - start, 1)
-        stats = compiled.memory_analysis()
-        if stats is None:
-            raise AotError(f"the {jax.default_backend()} backend gives no memory analysis")
-        memory.update(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
-                      aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
-                      generated_code=stats.generated_code_size_in_bytes)
-        memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+        for name, program in compiled._asdict().items():
+            stats = program.memory_analysis()
+            if stats is None:
+                raise AotError(f"the {jax.default_backend()} backend gives no memory analysis")
+            memory[name] = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+                            "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+                            "generated_code": stats.generated_code_size_in_bytes}
+        grads, update = memory["gradients"], memory["update"]
+        # The gradients program reads only the params and batch, but the whole state stays live.
+        grads["peak"] = per_device_bytes(state) + memory["batch"] + grads["outputs"] + grads["temporaries"]
+        update["peak"] = update["arguments"] + update["outputs"] - update["aliased"] + update["temporaries"]
+        memory["total"] = max(grads["peak"], update["peak"])
     else:
         memory["total"] = sum(memory.values())
     return {
@@ -205,22 +213,28 @@ def format_report(report: dict[str, Any]) -> str:
         ("batch shard", m["batch"]),
     ]
     if report["compiled"]:
+        grads, update = m["gradients"], m["update"]
         rows += [
-            ("arguments (XLA)", m["arguments"]),
-            ("outputs (XLA)", m["outputs"]),
-            ("  aliased with arguments (donated)", m["aliased"]),
-            ("temporaries: activations + scratch (XLA)", m["temporaries"]),
-            ("total = arguments + outputs - aliased + temporaries", m["total"]),
+            ("gradients program (XLA):", None),
+            ("  outputs: gradients, loss", grads["outputs"]),
+            ("  temporaries: activations + scratch", grads["temporaries"]),
+            ("  peak = state + batch + outputs + temporaries", grads["peak"]),
+            ("update program (XLA):", None),
+            ("  arguments: state, gradients, loss", update["arguments"]),
+            ("  outputs", update["outputs"]),
+            ("  aliased with arguments (donated)", update["aliased"]),
+            ("  temporaries", update["temporaries"]),
+            ("  peak = arguments + outputs - aliased + temporaries", update["peak"]),
+            ("total = the larger peak", m["total"]),
         ]
-    else:
-        rows.append(("total of the above", m["total"]))
     compiled = f"; compiled in {report['compile_s']:.0f} s" if report["compiled"] else ""
     head = (f"{report['preset']} ({report['param_count']:,} params, {report['dtype']}, remat {report['remat']}) "
             f"on mesh {report['mesh']} = {report['devices']} devices; global batch {report['global_batch']} "
             f"({report['batch_per_device']} per device), canvas {report['canvas']}, {report['max_text_len']} tokens"
             f"{compiled}")
     width = max(len(name) for name, _ in rows)
-    lines = [head, "per device:"] + [f"  {name:<{width}}  {format_bytes(value):>11}" for name, value in rows]
+    lines = [head, "per device:"] + [f"  {name:<{width}}  {format_bytes(value):>11}" if value is not None
+                                     else f"  {name}" for name, value in rows]
     return "\n".join(lines + [f"note: {report['note']}"])
 
 
@@ -271,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         m = report["per_device"]
         print(f"glipjax.aot: per-device memory {format_bytes(total)} exceeds the budget --hbm {args.hbm} "
               f"({format_bytes(budget)}): params+optimizer+EMA {format_bytes(m['params'] + m['opt_state'] + m['ema'])}, "
-              f"temporaries {format_bytes(m.get('temporaries', 0))}. Raise fsdp to split the state, lower the "
+              f"activations and scratch {format_bytes(m['gradients']['temporaries'] if report['compiled'] else 0)}. Raise fsdp to split the state, lower the "
               f"per-device batch, or turn on --config.model.remat=true.", file=sys.stderr)
         sys.exit(1)
 

@@ -157,12 +157,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     abstract = train_state.abstract_state(config, model, tx, mesh, rules)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
     log.info("model %s: %s parameters; compiling the update step", config.model.preset, f"{n_params:,}")
-    step_fn = train_state.jit_train_step(
-        train_state.make_train_step(config, model, glip_config, tx, schedule), abstract, mesh, rules)
+    step_fn = train_state.jit_train_step(config, model, glip_config, tx, schedule, abstract, mesh, rules)
     if loader_future.done():
         loader_future.result()  # a bad input config stops the run here, before the compile
     with sharding.sharding_context(mesh, rules):
-        step_fn = step_fn.lower(abstract, aot.abstract_batch(config, mesh, rules)).compile()
+        step_fn = step_fn.compile(abstract, aot.abstract_batch(config, mesh, rules))
 
     # ---------------------------------------------------------------- sharded state: resumed or new
     save_every = config.checkpoint.save_every

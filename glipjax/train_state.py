@@ -8,7 +8,7 @@ the same state tree:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,17 +98,50 @@ def abstract_state(config: ml_collections.ConfigDict, model: GLIP, tx: optax.Gra
     return state
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: GLIP, glip_config: GLIPConfig,
-                    tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule) -> Callable[..., Any]:
-    """train_step(state, batch) -> (state, metrics). Frozen params (config.optim.frozen)
-    enter the loss under stop_gradient, so their backward pass is never computed."""
+class TrainStep(NamedTuple):
+    """The update step as two programs, run one after the other:
+
+        gradients(state, batch) -> (grads, loss, parts)
+        update(state, grads, loss, parts) -> (state, metrics)   (the state donated)
+
+    Called as step(state, batch) -> (state, metrics). XLA:CPU compiles the two about a
+    quarter faster than one program of both (GLIP-T: docs/benchmarks.md) and the
+    results are the same: only the gradients and loss pass between them, and the
+    gradients would be materialised inside one program too. `grads` leaves out frozen
+    params (optax.MaskedNode), so they cost no memory between the programs."""
+
+    gradients: Callable[..., Any]
+    update: Callable[..., Any]
+
+    def __call__(self, state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        grads, loss, parts = self.gradients(state, batch)
+        return self.update(state, grads, loss, parts)
+
+    def lower(self, state: State, batch: dict[str, Any]) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+        """Both programs lowered for (state, batch), which may be abstract; call it in
+        the sharding context the step was made in."""
+        gradients = self.gradients.lower(state, batch)
+        return gradients, self.update.lower(state, *gradients.out_info)
+
+    def compile(self, state: State, batch: dict[str, Any], compiler_options: dict[str, Any] | None = None) -> TrainStep:
+        """The step with both programs compiled for (state, batch)."""
+        return TrainStep(*(lowered.compile(compiler_options) for lowered in self.lower(state, batch)))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: GLIP, glip_config: GLIPConfig,
+                   tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, state: State,
+                   mesh: jax.sharding.Mesh, rules: Rules) -> TrainStep:
+    """The jitted TrainStep for `state` (which may be abstract): state in and out with its
+    shardings, gradients with the params', the batch split over the batch axes.
+    Frozen params (config.optim.frozen) enter the loss under stop_gradient, so their
+    backward pass is never computed."""
     dtype = jnp.dtype(config.model.dtype)
     canvas = tuple(config.data.canvas)
     ema_decay = config.optim.ema_decay
+    frozen = jax.tree.map(lambda g: g == "frozen", optim.param_groups(state["params"], config.optim))
 
-    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        rng, dropout_rng = jax.random.split(state["rng"])
-        frozen = jax.tree.map(lambda g: g == "frozen", optim.param_groups(state["params"], config.optim))
+    def gradients(state: State, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+        _, dropout_rng = jax.random.split(state["rng"])
 
         def loss_fn(params):
             params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
@@ -119,6 +152,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: GLIP, glip_config:
             return parts["total"], parts
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        return jax.tree.map(lambda g, f: optax.MaskedNode() if f else g, grads, frozen), loss, parts
+
+    def update(state: State, grads: Any, loss: jax.Array,
+               parts: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        rng, _ = jax.random.split(state["rng"])  # the split gradients() took its dropout key from
+        grads = jax.tree.map(lambda p, g: jnp.zeros_like(p) if isinstance(g, optax.MaskedNode) else g,
+                             state["params"], grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], loss=loss)
         params = optax.apply_updates(state["params"], updates)
         ema = optim.ema_update(state["ema"], params, ema_decay) if ema_decay else state["ema"]
@@ -131,14 +171,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: GLIP, glip_config:
         new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1, rng=rng)
         return new_state, metrics
 
-    return train_step
-
-
-def jit_train_step(train_step: Callable[..., Any], state: State, mesh: jax.sharding.Mesh,
-                   rules: Rules) -> Callable[..., Any]:
-    """train_step jitted with the state's shardings in and out, the batch split over
-    the batch axes, and the state donated. `state` may be abstract."""
-    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    grads_shardings = jax.tree.map(lambda s, f: optax.MaskedNode() if f else s, state_shardings["params"], frozen)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with sharding.sharding_context(mesh, rules):
-        return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+        return TrainStep(
+            jax.jit(gradients, in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
+                    out_shardings=(grads_shardings, replicated, replicated)),
+            jax.jit(update, in_shardings=(state_shardings, grads_shardings, replicated, replicated),
+                    out_shardings=(state_shardings, None), donate_argnums=(0,)))

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from conftest import child_env
-from glipjax import aot, sharding, train_state
+from glipjax import aot, optim, sharding, train_state
 from glipjax.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -145,13 +145,22 @@ def test_aot_per_device_params_fall_as_one_over_fsdp(fsdp4_run):
     assert one_device / m["params"] == pytest.approx(4, rel=0.02)
     assert aot.per_device_bytes(one["opt_state"]) / m["opt_state"] == pytest.approx(4, rel=0.02)
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["batch_per_device"] == 1
-    # XLA's arguments are the state and batch shards (plus step and rng, less the batch
-    # fields the step never reads, which jit drops); the donated state is aliased.
-    state_and_batch = m["params"] + m["opt_state"] + m["ema"] + m["batch"]
-    assert abs(m["arguments"] - state_and_batch) <= 4096
-    assert m["params"] + m["opt_state"] <= m["aliased"] <= m["outputs"]
-    assert m["temporaries"] > 0
-    assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    # The gradients program outputs the trainable params' gradients (frozen ones get no
+    # buffer) and the losses; the update program's arguments are the state (plus step and
+    # rng) and those gradients, and the donated state is aliased.
+    grads, update = m["gradients"], m["update"]
+    groups = jax.tree.leaves(optim.param_groups(one["params"], config.optim))
+    trainable = sum(x.size * x.dtype.itemsize for x, group in zip(jax.tree.leaves(one["params"]), groups, strict=True)
+                    if group != "frozen")
+    assert trainable < one_device  # the demo freezes the text embeddings and first layers
+    assert grads["outputs"] / trainable * 4 == pytest.approx(1, rel=0.02)
+    state = m["params"] + m["opt_state"] + m["ema"]
+    assert abs(update["arguments"] - state - grads["outputs"]) <= 4096
+    assert state <= update["aliased"] <= update["outputs"]
+    assert grads["temporaries"] > update["temporaries"] > 0  # activations live in the gradients program
+    assert grads["peak"] >= state + m["batch"] + grads["outputs"] + grads["temporaries"]
+    assert update["peak"] == update["arguments"] + update["outputs"] - update["aliased"] + update["temporaries"]
+    assert m["total"] == max(grads["peak"], update["peak"])
 
 
 def test_aot_over_budget_exits_with_a_message(fsdp4_run):
@@ -159,7 +168,8 @@ def test_aot_over_budget_exits_with_a_message(fsdp4_run):
     assert result.returncode == 1, result.stderr[-3000:]
     assert "exceeds the budget --hbm 1MiB" in result.stderr and "Raise fsdp" in result.stderr
     assert report["fits"] is False and report["hbm"] == 2**20
-    for line in ("params (from shardings)", "temporaries", "total =", "XLA:CPU estimate"):
+    for line in ("params (from shardings)", "gradients program", "update program", "total = the larger peak",
+                 "XLA:CPU estimate"):
         assert line in result.stdout
     printed = float(result.stderr.split("per-device memory ")[1].split(" MiB")[0])  # one decimal
     assert abs(report["per_device"]["total"] / 2**20 - printed) <= 0.05

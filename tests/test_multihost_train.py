@@ -29,8 +29,7 @@ rules = sharding.rules_from_config(config)
 model, glip_config, _ = train_state.build_model(config)
 tx, schedule = train_state.make_tx(config)
 state = train_state.init_state(config, model, tx, mesh, rules)
-step = train_state.jit_train_step(train_state.make_train_step(config, model, glip_config, tx, schedule),
-                                  state, mesh, rules)
+step = train_state.jit_train_step(config, model, glip_config, tx, schedule, state, mesh, rules)
 rng = np.random.default_rng(0)  # the same global batch in every process
 b, (h, w), length, boxes = config.data.batch_size, config.data.canvas, config.data.max_text_len, config.data.max_boxes
 corner = rng.uniform(0, 40, (b, boxes, 2)).astype(np.float32)
