@@ -104,11 +104,11 @@ class TrainStep(NamedTuple):
         gradients(state, batch) -> (grads, loss, parts)
         update(state, grads, loss, parts) -> (state, metrics)   (the state donated)
 
-    Called as step(state, batch) -> (state, metrics). XLA:CPU compiles the two about a
-    quarter faster than one program of both (GLIP-T: docs/benchmarks.md) and the
-    results are the same: only the gradients and loss pass between them, and the
-    gradients would be materialised inside one program too. `grads` leaves out frozen
-    params (optax.MaskedNode), so they cost no memory between the programs."""
+    Called as step(state, batch) -> (state, metrics). XLA:CPU compiles the two in 16-28%
+    less time than one program of the same math (GLIP-T: docs/benchmarks.md), with
+    about the same peak memory (docs/scaling.md): only the gradients and the loss pass
+    between them, and one program holds all the gradients at once too. `grads` leaves out frozen params
+    (optax.MaskedNode), so they cost no memory between the programs."""
 
     gradients: Callable[..., Any]
     update: Callable[..., Any]
