@@ -25,7 +25,9 @@ The FLOPs are XLA's count on the step as lowered, before compiling, for one CPU 
 (the same program on every backend, so the count holds for the GPU too); it includes
 every op and, with model.remat, the recomputed forward, so it is an upper estimate of
 the useful FLOPs. The matmul peak is the best of a few square matmuls in the step's
-compute dtype (float32 on CPU). Each timed step waits for the one before; images/s and
+compute dtype (float32 on CPU), timed right before and right after the steps: the
+cores' speed drifts (on the 2-core machines of docs/benchmarks.md, 181-214 GFLOP/s
+within an hour), and a peak timed in a slow moment would flatter the step. Each timed step waits for the one before; images/s and
 the achieved FLOP/s come from their mean, and the median is printed too: on the CPU a
 few steps can take up to twice as long as the rest, as when the first writes to the
 step's freshly mapped temporaries wait on the kernel (docs/benchmarks.md). MFU divides
@@ -190,12 +192,16 @@ def main() -> None:
     print(f"compile {time.perf_counter() - start:.1f} s (lowering included)", flush=True)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
+    dtype = jnp.dtype(config.model.dtype)
+    size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
+    peak_before = matmul_peak(dtype, size)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+    peak = max(peak_before, matmul_peak(dtype, size))
     step_s, median_s = float(np.mean(times)), float(np.median(times))
     print(f"step {step_s:.3f} s (median {median_s:.3f}, {min(times):.3f}-{max(times):.3f} over {args.steps}), "
           f"{config.data.batch_size / step_s:.2f} images/s, loss {float(metrics['loss']):.4f}", flush=True)
@@ -219,9 +225,6 @@ def main() -> None:
 
     flops = step_flops(config)
     achieved = flops / step_s / mesh.size
-    dtype = jnp.dtype(config.model.dtype)
-    size = args.matmul_size or (2048 if device.platform == "cpu" else 8192)
-    peak = matmul_peak(dtype, size)
     at_median = flops / median_s / mesh.size
     print(f"{flops / 1e9:.1f} GFLOP per step; achieved {achieved / 1e9:.1f} GFLOP/s per device = "
           f"{100 * achieved / peak:.0f}% of the measured {dtype.name} matmul peak ({peak / 1e9:.1f} GFLOP/s, "
