@@ -111,7 +111,8 @@ class Backbone(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> tuple[list[jax.Array], list[jax.Array]]:
-        stages = SwinTransformer(self.config.swin, self.dtype, self.config.remat, name="body")(
+        cfg = self.config
+        stages = SwinTransformer(cfg.swin, self.dtype, cfg.remat, cfg.scan_layers, name="body")(
             images, deterministic
         )
         pyramid = FPN(self.config.fpn_channels, dtype=self.dtype, name="fpn")(stages[1:], deterministic)

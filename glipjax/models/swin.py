@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glipjax.models.layers import Dtype, conv, dense, layer_norm, torch_bias_init
+from glipjax.models.layers import Dtype, conv, dense, layer_norm, scan_layers, torch_bias_init
 
 SHIFT_MASK_VALUE = -100.0
 
@@ -104,7 +104,7 @@ def shift_attention_mask(hp: int, wp: int, ws: int, shift: int) -> np.ndarray:
     return np.where(diff != 0, SHIFT_MASK_VALUE, 0.0).astype(np.float32)
 
 
-def drop_path(x: jnp.ndarray, rate: float, rng: jax.Array) -> jnp.ndarray:
+def drop_path(x: jnp.ndarray, rate: float | jax.Array, rng: jax.Array) -> jnp.ndarray:
     """Stochastic depth: zeroes whole samples with probability `rate`, rescales the rest."""
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
@@ -155,9 +155,12 @@ class SwinBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, deterministic: bool = True,
+                 drop_path_rate: jax.Array | None = None) -> jnp.ndarray:
+        """`drop_path_rate`, when given, replaces the field's (a scan passes each block's)."""
         cfg = self.config
         ws = cfg.window_size
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         _, h, w, c = x.shape
         y = layer_norm(cfg.layer_norm_eps, name="norm1", dtype=self.dtype)(x)
         hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
@@ -170,16 +173,16 @@ class SwinBlock(nn.Module):
         y = window_reverse(attn(window_partition(y, ws), mask), ws, hp, wp)
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-        x = x + self._drop_path(y[:, :h, :w], deterministic)
+        x = x + self._drop_path(y[:, :h, :w], rate, deterministic)
         y = layer_norm(cfg.layer_norm_eps, name="norm2", dtype=self.dtype)(x)
         y = MLP(int(c * cfg.mlp_ratio), c, self.dtype, name="mlp")(y)
-        x = x + self._drop_path(y, deterministic)
+        x = x + self._drop_path(y, rate, deterministic)
         return nn.with_logical_constraint(x, ("batch", "height", "width", "embed"))
 
-    def _drop_path(self, y: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
-        if deterministic or self.drop_path_rate == 0.0:
+    def _drop_path(self, y: jnp.ndarray, rate: float | jax.Array, deterministic: bool) -> jnp.ndarray:
+        if deterministic or (isinstance(rate, float) and rate == 0.0):
             return y
-        return drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+        return drop_path(y, rate, self.make_rng("dropout"))
 
 
 class MLP(nn.Module):
@@ -216,7 +219,9 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
     """The blocks of one stage (blocks_{b}); returns (stage output, merged input of the
-    next stage or None for the last stage)."""
+    next stage or None for the last stage). With `scan`, a stage of two or more pairs of
+    blocks (unshifted, shifted) runs them as one scan over the pairs (same params; see
+    layers.scan_layers)."""
 
     config: SwinConfig
     stage: int
@@ -224,17 +229,41 @@ class SwinStage(nn.Module):
     downsample: bool
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         cfg = self.config
-        block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
-        for b, rate in enumerate(self.drop_path_rates):
-            shift = cfg.window_size // 2 if b % 2 else 0
-            x = block_cls(cfg, cfg.stage_dim(self.stage), cfg.num_heads[self.stage], shift, rate,
-                          self.dtype, name=f"blocks_{b}")(x, deterministic)
+        depth = len(self.drop_path_rates)
+        if self.scan and depth >= 4 and depth % 2 == 0 and not self.is_initializing():
+            x = self._scanned_blocks(x, deterministic)
+        else:
+            block_cls = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+            for b, rate in enumerate(self.drop_path_rates):
+                x = self._block(block_cls, b, rate, name=f"blocks_{b}")(x, deterministic)
         down = PatchMerging(cfg.layer_norm_eps, self.dtype, name="downsample")(x) if self.downsample else None
         return x, down
+
+    def _block(self, block_cls: type[nn.Module], b: int, rate: float, **kwargs) -> nn.Module:
+        shift = self.config.window_size // 2 if b % 2 else 0
+        return block_cls(self.config, self.config.stage_dim(self.stage), self.config.num_heads[self.stage], shift,
+                         rate, self.dtype, **kwargs)
+
+    def _scanned_blocks(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+        pairs = len(self.drop_path_rates) // 2
+        blocks = [self._block(SwinBlock, b, 0.0, parent=None) for b in (0, 1)]
+        rates = jnp.asarray(self.drop_path_rates, jnp.float32).reshape(pairs, 2)
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), pairs)
+
+        def body(params: tuple, h: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
+            pair_rates, key = xs
+            for j, (block, block_params) in enumerate(zip(blocks, params)):
+                rngs = None if key is None else {"dropout": jax.random.fold_in(key, j)}
+                h = block.apply({"params": block_params}, h, deterministic, pair_rates[j], rngs=rngs)
+            return h, None
+
+        names = [(f"blocks_{2 * i}", f"blocks_{2 * i + 1}") for i in range(pairs)]
+        return scan_layers(self, names, body, x, (rates, keys), self.remat)[0]
 
 
 class PatchEmbed(nn.Module):
@@ -264,6 +293,7 @@ class SwinTransformer(nn.Module):
     config: SwinConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False  # stages of two or more block pairs as one scan each (SwinStage)
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, deterministic: bool = True) -> list[jnp.ndarray]:
@@ -277,7 +307,7 @@ class SwinTransformer(nn.Module):
         for s, depth in enumerate(cfg.depths):
             last = s == len(cfg.depths) - 1
             out, x = SwinStage(cfg, s, tuple(rates[start:start + depth]), not last, self.dtype,
-                               self.remat, name=f"layers_{s}")(x, deterministic)
+                               self.remat, self.scan, name=f"layers_{s}")(x, deterministic)
             start += depth
             if s in cfg.out_norm_stages:
                 out = layer_norm(cfg.layer_norm_eps, name=f"norm{s}", dtype=self.dtype)(out)
