@@ -153,7 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.anchor_sizes = (16, 32, 64, 128, 256)
     c.model.dtype = "float32"
     c.model.remat = False
-    c.model.scan_layers = False  # run the BERT and head layers as one scan each: a faster compile, same params
+    c.model.scan_layers = False  # BERT, head and Swin-stage layers as one scan each: a faster compile, same params
 
     c.optim = optim.default_optim_config()
     c.optim.warmup_steps = 2 if tiny else 100

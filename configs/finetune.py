@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.dropout = True  # False turns off every dropout and Swin's stochastic depth
     c.model.remat = False
-    c.model.scan_layers = True  # run the BERT and head layers as one scan each: a faster compile, same params
+    c.model.scan_layers = True  # BERT, head and Swin-stage layers as one scan each: a faster compile, same params
     c.model.prompt_tuning = prompt_tuning
 
     c.optim = optim.default_optim_config()

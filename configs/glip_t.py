@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; params stay float32
     c.model.dropout = True  # False turns off every dropout and Swin's stochastic depth
     c.model.remat = True
-    c.model.scan_layers = True  # run the BERT and head layers as one scan each: a faster compile, same params
+    c.model.scan_layers = True  # BERT, head and Swin-stage layers as one scan each: a faster compile, same params
 
     c.optim = optim.default_optim_config()  # AdamW 1e-4, warmup 2000, x0.1 at 67% and 89%, EMA 0.999
 

@@ -21,7 +21,7 @@ before a pod is booked.
 The figures are XLA:CPU's. Argument and output sizes are those of any backend; the
 temporaries are an estimate: XLA:CPU schedules for the CPU and may compute bfloat16 ops
 in float32, so TPU and GPU compilers usually need less. It shows rematerialisation's
-savings on GLIP-T (docs/scaling.md: 10.37 GiB with remat, 29.83 GiB without) but not
+savings on GLIP-T (docs/scaling.md: 9.36 GiB with remat, 30.00 GiB without) but not
 always (a toy 16-layer MLP with jax.checkpoint on each layer: more with it than without).
 """
 

@@ -53,8 +53,9 @@ class GLIPConfig:
     max_text_len: int = 256
     postprocess: PostprocessConfig = dataclasses.field(default_factory=PostprocessConfig)
     remat: bool = False  # rematerialise each Swin block, BERT layer and head layer
-    # Run each BERT's layers and the head's layers as one scan over stacked params: the
-    # same params and results, a several times smaller program to compile.
+    # Run each BERT's layers, the head's layers and each Swin stage of two or more block
+    # pairs as one scan over stacked params: the same params and results, a several
+    # times smaller program to compile.
     scan_layers: bool = False
     # Prompt tuning (reference section 4): a zero-initialised (max_text_len, hidden)
     # offset "prompt_offset" added to the text encoder's output embeddings.
