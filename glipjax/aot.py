@@ -10,7 +10,7 @@ the config's shapes on a mesh of N CPU devices simulated on this machine
 and XLA's memory analysis of one device's partitioned programs is reported: for the
 gradients program its outputs (gradients, loss) and temporaries (activations kept for
 the backward pass plus scratch); for the update program its arguments (state,
-gradients), outputs, their aliasing (state and gradients are donated) and temporaries.
+gradients), outputs, their aliasing (the state is donated) and temporaries.
 Params, optimizer-state, EMA and batch bytes per device are summed from the shardings
 (shard shape x item size). Each program's peak is what is live while it runs: the
 gradients program's is state + batch + outputs + temporaries, the update's arguments +
@@ -227,6 +227,8 @@ def format_report(report: dict[str, Any]) -> str:
             ("  peak = arguments + outputs - aliased + temporaries", update["peak"]),
             ("total = the larger peak", m["total"]),
         ]
+    else:
+        rows.append(("total of the above", m["total"]))
     compiled = f"; compiled in {report['compile_s']:.0f} s" if report["compiled"] else ""
     head = (f"{report['preset']} ({report['param_count']:,} params, {report['dtype']}, remat {report['remat']}) "
             f"on mesh {report['mesh']} = {report['devices']} devices; global batch {report['global_batch']} "
@@ -283,9 +285,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             json.dump(report, f, indent=2)
     if report["fits"] is False:
         m = report["per_device"]
+        activations = m["gradients"]["temporaries"] if report["compiled"] else 0
         print(f"glipjax.aot: per-device memory {format_bytes(total)} exceeds the budget --hbm {args.hbm} "
               f"({format_bytes(budget)}): params+optimizer+EMA {format_bytes(m['params'] + m['opt_state'] + m['ema'])}, "
-              f"activations and scratch {format_bytes(m['gradients']['temporaries'] if report['compiled'] else 0)}. Raise fsdp to split the state, lower the "
+              f"activations and scratch {format_bytes(activations)}. Raise fsdp to split the state, lower the "
               f"per-device batch, or turn on --config.model.remat=true.", file=sys.stderr)
         sys.exit(1)
 
