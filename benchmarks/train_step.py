@@ -27,10 +27,11 @@ every op and, with model.remat, the recomputed forward, so it is an upper estima
 the useful FLOPs. The matmul peak is the best of a few square matmuls in the step's
 compute dtype (float32 on CPU), timed right before and right after the steps: the
 cores' speed drifts (on the 2-core machines of docs/benchmarks.md, 181-214 GFLOP/s
-within an hour), and a peak timed in a slow moment would flatter the step. Each timed step waits for the one before; images/s and
-the achieved FLOP/s come from their mean, and the median is printed too: on the CPU a
-few steps can take up to twice as long as the rest, as when the first writes to the
-step's freshly mapped temporaries wait on the kernel (docs/benchmarks.md). MFU divides
+within an hour), and a peak timed in a slow moment would flatter the step. Each timed
+step waits for the one before; images/s and the achieved FLOP/s come from their mean,
+and the median is printed too: on those machines a few steps take up to twice as long
+as the rest, with more kernel and user time but no more page faults (docs/benchmarks.md).
+MFU divides
 the achieved FLOP/s by the device's dense bf16 peak from its datasheet (PEAK_TFLOPS).
 """
 
