@@ -31,8 +31,8 @@ within an hour), and a peak timed in a slow moment would flatter the step. Each 
 step waits for the one before; images/s and the achieved FLOP/s come from their mean,
 and the median is printed too: on those machines a few steps take up to twice as long
 as the rest, with more kernel and user time but no more page faults (docs/benchmarks.md).
-MFU divides
-the achieved FLOP/s by the device's dense bf16 peak from its datasheet (PEAK_TFLOPS).
+MFU divides the achieved FLOP/s by the device's dense bf16 peak from its datasheet
+(PEAK_TFLOPS).
 """
 
 from __future__ import annotations
