@@ -4,8 +4,12 @@ processes they start: the same cheaper compilation on one CPU device."""
 
 import os
 
-# XLA's cheaper CPU compilation: the suite compiles many small programs and runs each a few times.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA's cheaper CPU compilation: the suite compiles many small programs and runs each a
+# few times. Most of what is left is XLA:CPU's MLIR fusion emitters: without them the
+# tiny GLIP's training step compiled in 9.1 s against 13.8 s, and the suite took 8.7
+# minutes against 12.3 on two cores.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
 # Child processes (training runs, commands) use one device: an 8-way partitioned
 # program on the same two cores compiles and runs slower, and they test no sharding.
 # (pytest-xdist's workers inherit the flags below: drop what is already there.)

@@ -2,6 +2,7 @@
 damaged latest steps, per-process data states, params export. Restored values must be
 bit-identical (tolerance 0)."""
 
+import gc
 import os
 import pathlib
 import signal
@@ -289,6 +290,9 @@ def test_sigterm_saves_and_rerun_resumes(tmp_path):
     assert int(out.split("preempted")[1].split()[0]) > saved
 
 
+# Orbax's failed restore leaves array reads behind that raise when collected (below).
+@pytest.mark.filterwarnings("ignore:Exception ignored in.*_read_array_index_and_device_put"
+                            ":pytest.PytestUnraisableExceptionWarning")
 def test_mismatched_target_fails_clearly(tmp_path, mesh8):
     state = _state(mesh8)
     with ckpt.Checkpointer(tmp_path, save_every=1, async_save=False) as c:
@@ -298,6 +302,7 @@ def test_mismatched_target_fails_clearly(tmp_path, mesh8):
             (5, 4), jnp.float32, sharding=NamedSharding(mesh8, P()))
         with pytest.raises(RuntimeError, match=r"steps \[1\].*abstract_state"):
             c.restore_latest(wrong)
+    gc.collect()  # here, not during a later test
 
 
 _HOSTS = """
