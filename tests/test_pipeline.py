@@ -248,6 +248,22 @@ def test_real_format_sources_mix_into_fixed_batches(data_dir):
     loader.close()
 
 
+def test_unset_or_missing_source_files_name_the_field(data_dir, tmp_path):
+    cfg = _fixture_sources(coco=1.0)
+    with cfg.unlocked():
+        cfg.data.sources.coco.annotations = ""
+        cfg.data.sources.coco.images = ""
+    with pytest.raises(ValueError, match=r"data.sources.coco: the coco source's annotations and images are not set; "
+                                         r"set --config.data.sources.coco.annotations and "
+                                         r"--config.data.sources.coco.images\."):
+        pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1)
+    with cfg.unlocked():
+        cfg.data.sources.coco.annotations = str(tmp_path / "absent.json")
+        cfg.data.sources.coco.images = str(FIXTURES / "images")
+    with pytest.raises(ValueError, match=r"data.sources.coco: coco_format: annotations file not found: .*absent.json"):
+        pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1)
+
+
 def test_coco_boxes_follow_the_reference_conversion_and_resize(data_dir):
     cfg = _fixture_sources(coco=1.0)
     with cfg.unlocked():

@@ -179,7 +179,10 @@ def _built_source(
                                    **args)
         return ds.map(_common_record)
 
-    _, meta = common.load_source(src.kind, data_dir=data_dir, split=split, part=part, **args)  # builds once
+    try:
+        _, meta = common.load_source(src.kind, data_dir=data_dir, split=split, part=part, **args)  # builds once
+    except ValueError as error:  # name the source: a missing file, an unknown option
+        raise ValueError(f"data.sources.{name}: {error}") from error
     prompt = src.get("prompt", _DEFAULT_PROMPTS[src.kind])
     return Source(name, src.kind, float(src.weight), prompt, records, tuple(meta.get("class_names", ())),
                   int(meta["num_examples"]), dict(meta["drops"]))
@@ -277,6 +280,12 @@ def open_sources(
             raise ValueError(f"data.sources.{name}.kind: unknown kind {src.kind!r}; choose one of {SOURCE_KINDS}.")
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight must be positive, got {src.weight}.")
+        if src.kind in common.KINDS:
+            unset = [k for k, required in common.builder_class(src.kind).PATHS.items() if required and not src.get(k)]
+            if unset:
+                flags = " and ".join(f"--config.data.sources.{name}.{k}" for k in unset)
+                raise ValueError(f"data.sources.{name}: the {src.kind} source's {' and '.join(unset)} "
+                                 f"{'is' if len(unset) == 1 else 'are'} not set; set {flags}.")
     sources = []
     for name in data.sources:
         src = data.sources[name]
