@@ -130,6 +130,8 @@ def abstract_batch(config: Any, mesh: Any, rules: Any) -> dict[str, Any]:
     b, (h, w), length, boxes = data.batch_size, tuple(data.canvas), data.max_text_len, data.max_boxes
     spec = sharding.batch_sharding(mesh, rules)
     shards = batch_shards(mesh, rules)
+    if b < 1:
+        raise AotError(f"data.batch_size must be at least 1, got {b}")
     if b % shards:
         raise AotError(
             f"global batch {b} (data.batch_size) does not divide over the {shards} batch shards of mesh "

@@ -53,6 +53,9 @@ def test_abstract_batch_matches_the_pipeline():
     with pytest.raises(aot.AotError, match=r"global batch 6 .* does not divide over the 4 batch shards"):
         aot.abstract_batch(load_config("configs/demo.py:tiny", ["--config.data.batch_size=6"]), mesh,
                            sharding.DEFAULT_RULES)
+    with pytest.raises(aot.AotError, match=r"data.batch_size must be at least 1, got 0"):
+        aot.abstract_batch(load_config("configs/demo.py:tiny", ["--config.data.batch_size=0"]), mesh,
+                           sharding.DEFAULT_RULES)
 
 
 def test_glip_t_variants_are_the_papers_data_mixes():
