@@ -181,6 +181,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             if config.optim.ema_decay:
                 state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
             log.info("params initialised from %s", config.train.init_from)
+        else:
+            text = ", the text encoder's from its pretrained weights" if text_params is not None else ""
+            log.info("params initialised at random (seed %d)%s; no train.init_from", config.seed, text)
     loader = loader_future.result()
     if restored is not None:
         if data_state is None:
