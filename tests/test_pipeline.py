@@ -253,9 +253,7 @@ def test_unset_or_missing_source_files_name_the_field(data_dir, tmp_path):
     with cfg.unlocked():
         cfg.data.sources.coco.annotations = ""
         cfg.data.sources.coco.images = ""
-    with pytest.raises(ValueError, match=r"data.sources.coco: the coco source's annotations and images are not set; "
-                                         r"set --config.data.sources.coco.annotations and "
-                                         r"--config.data.sources.coco.images\."):
+    with pytest.raises(ValueError, match=r"data.sources.coco: coco_format: annotations is not set \(a required path\)"):
         pipeline.DataLoader(cfg, data_dir, process_index=0, process_count=1)
     with cfg.unlocked():
         cfg.data.sources.coco.annotations = str(tmp_path / "absent.json")

@@ -280,12 +280,6 @@ def open_sources(
             raise ValueError(f"data.sources.{name}.kind: unknown kind {src.kind!r}; choose one of {SOURCE_KINDS}.")
         if not src.weight > 0:
             raise ValueError(f"data.sources.{name}.weight must be positive, got {src.weight}.")
-        if src.kind in common.KINDS:
-            unset = [k for k, required in common.builder_class(src.kind).PATHS.items() if required and not src.get(k)]
-            if unset:
-                flags = " and ".join(f"--config.data.sources.{name}.{k}" for k in unset)
-                raise ValueError(f"data.sources.{name}: the {src.kind} source's {' and '.join(unset)} "
-                                 f"{'is' if len(unset) == 1 else 'are'} not set; set {flags}.")
     sources = []
     for name in data.sources:
         src = data.sources[name]

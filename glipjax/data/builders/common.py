@@ -508,9 +508,9 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         sizes: dict[str, int] = {}
         for key, required in cls.PATHS.items():
             value = paths.get(key)
-            if value is None:
+            if value is None or value == "":  # "": a config's field left unset
                 if required:
-                    raise ValueError(f"{cls.name}: the path {key!r} is required.")
+                    raise ValueError(f"{cls.name}: {key} is not set (a required path).")
                 continue
             path = pathlib.Path(value).expanduser().resolve()
             if key == "images":
