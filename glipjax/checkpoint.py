@@ -1,4 +1,4 @@
-"""Training checkpoints with Orbax: periodic asynchronous saves, retention, preemption.
+"""Training checkpoints with Orbax: periodic asynchronous saves, retention, preemption and Ctrl-C.
 
 Layout of a workdir's checkpoints (one Orbax CheckpointManager under `<workdir>/checkpoints`):
 
@@ -20,19 +20,20 @@ of processes gets no data state back (None) and its input starts afresh.
 Typical loop (single or multi host):
 
     ckpt = Checkpointer(workdir, **config.checkpoint)  # save_every, keep, best_metric, ...
-    install_sigterm_handler()
     restored = ckpt.restore_latest(abstract_state)     # ShapeDtypeStructs with shardings
     if restored: step, state, blob = restored; unpack_loader_state(loader, blob)
-    for step in range(step + 1, total + 1):
-        state = train_step(state, next(loader))
-        ckpt.save(step, state, pack_loader_state(loader))       # no-op off the interval
-        if preemption_requested(step):
-            ckpt.save(step, state, pack_loader_state(loader), force=True); ckpt.wait(); break
+    with stop_on_signals():                            # SIGTERM, Ctrl-C: save, then stop
+        for step in range(step + 1, total + 1):
+            state = train_step(state, next(loader))
+            ckpt.save(step, state, pack_loader_state(loader))   # no-op off the interval
+            if preemption_requested(step):
+                ckpt.save(step, state, pack_loader_state(loader), force=True); ckpt.wait(); break
     ckpt.close()
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -41,8 +42,9 @@ import pathlib
 import signal
 import tarfile
 import tempfile
+import sys
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import numpy as np
@@ -279,20 +281,45 @@ def unpack_loader_state(loader: DirectoryState, blob: bytes) -> None:
         loader.restore(tmp)
 
 
-_preemption = threading.Event()
+_stop = threading.Event()
+_stop_reason = "preempted"  # why _stop was set: "preempted" (SIGTERM) or "interrupted" (Ctrl-C)
 
 
-def install_sigterm_handler() -> None:
-    """Makes SIGTERM set the flag that `preemption_requested` reports (instead of killing
-    the process), so the loop can save and exit cleanly. Call from the main thread.
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGTERM (preemption) and a first Ctrl-C (SIGINT) do not kill the
+    process but make `preemption_requested` return True, so the loop can save and exit
+    cleanly; a second Ctrl-C ends the process at once (exit status 130), unsaved: the
+    last finished checkpoint stays as it was. The previous handlers come back on exit.
+    Enter it from the main thread.
 
     With several processes (jax.distributed), JAX's preemption service already watches
-    for the signal and `preemption_requested(step)` asks it, so all hosts stop on the
-    same step; the handler is then not installed.
+    for SIGTERM and `preemption_requested(step)` asks it, so all hosts stop on the same
+    step; no handler is installed then, and Ctrl-C keeps its default.
     """
     if jax.process_count() > 1:
+        yield
         return
-    signal.signal(signal.SIGTERM, lambda signum, frame: _preemption.set())
+
+    def on_signal(signum: int, frame: Any) -> None:
+        global _stop_reason
+        if signum == signal.SIGINT:
+            if _stop.is_set():
+                print("Ctrl-C again: stopping now, without saving", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
+            print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, "
+                  "without saving)", file=sys.stderr, flush=True)
+        _stop_reason = "interrupted" if signum == signal.SIGINT else "preempted"
+        _stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop.clear()
 
 
 def preemption_requested(step: int) -> bool:
@@ -302,7 +329,12 @@ def preemption_requested(step: int) -> bool:
             return bool(multihost_utils.reached_preemption_sync_point(step))
         except RuntimeError:  # the preemption service is disabled
             return False
-    return _preemption.is_set()
+    return _stop.is_set()
+
+
+def stop_reason() -> str:
+    """Why `preemption_requested` said True, for the log: "preempted" or "interrupted"."""
+    return _stop_reason
 
 
 def export_params(params: PyTree, directory: str | os.PathLike, *, overwrite: bool = False) -> None:

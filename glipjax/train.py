@@ -192,36 +192,36 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         else:
             checkpoint.unpack_loader_state(loader, data_state)
         log.info("resumed from step %d", int(state["step"]))
-    checkpoint.install_sigterm_handler()
-
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(workdir, total_steps)
     step = int(state["step"])
     metrics: dict[str, Any] = {}
     evaluated: dict[str, float] | None = None
     previous: dict[str, Any] | None = None
-    while step < total_steps:
-        state, metrics = step_fn(state, next(loader))
-        step += 1
-        if previous is not None:  # the step before, read once this one is queued: the host does not wait
-            check_bad_streak(int(previous["bad_streak"]), config.train.max_bad_steps, workdir)
-        previous = metrics
-        if step % config.train.log_every == 0 or step == total_steps:
-            writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
-        evaluated = None
-        if config.eval.splits and (step == total_steps or (config.eval.every and step % config.eval.every == 0)):
-            pictures = workdir if step == total_steps and jax.process_index() == 0 else None
-            evaluated = _evaluate(config, model, state["params"], data_dir, pictures)
-            writer.write(step, evaluated)
-        preempted = checkpoint.preemption_requested(step)
-        if preempted or step % save_every == 0 or step == total_steps or (best and evaluated):
-            check_bad_streak(int(metrics["bad_streak"]), config.train.max_bad_steps, workdir)
-            ckpt.save(step, state, checkpoint.pack_loader_state(loader), metrics=evaluated if best else None,
-                      force=True)
-        if preempted:
-            ckpt.wait()
-            print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume", flush=True)
-            sys.exit(0)
+    with checkpoint.stop_on_signals():  # SIGTERM (preemption) or Ctrl-C: save, then stop
+        while step < total_steps:
+            state, metrics = step_fn(state, next(loader))
+            step += 1
+            if previous is not None:  # the step before, read once this one is queued: the host does not wait
+                check_bad_streak(int(previous["bad_streak"]), config.train.max_bad_steps, workdir)
+            previous = metrics
+            if step % config.train.log_every == 0 or step == total_steps:
+                writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
+            evaluated = None
+            if config.eval.splits and (step == total_steps or (config.eval.every and step % config.eval.every == 0)):
+                pictures = workdir if step == total_steps and jax.process_index() == 0 else None
+                evaluated = _evaluate(config, model, state["params"], data_dir, pictures)
+                writer.write(step, evaluated)
+            preempted = checkpoint.preemption_requested(step) and step < total_steps  # the last step ends anyway
+            if preempted or step % save_every == 0 or step == total_steps or (best and evaluated):
+                check_bad_streak(int(metrics["bad_streak"]), config.train.max_bad_steps, workdir)
+                ckpt.save(step, state, checkpoint.pack_loader_state(loader), metrics=evaluated if best else None,
+                          force=True)
+            if preempted:
+                ckpt.wait()
+                print(f"{checkpoint.stop_reason()} at step {step}: checkpoint saved; rerun the same command to resume",
+                      flush=True)
+                sys.exit(0)
     ckpt.close()
     loader.close()
     final = {k: float(v) for k, v in metrics.items()}

@@ -1,4 +1,4 @@
-"""Checkpointer: round trips, retention, async saves, resharding restore, SIGTERM resume,
+"""Checkpointer: round trips, retention, async saves, resharding restore, SIGTERM and Ctrl-C resume,
 damaged latest steps, per-process data states, params export. Restored values must be
 bit-identical (tolerance 0)."""
 
@@ -240,59 +240,84 @@ workdir, ready = sys.argv[1], pathlib.Path(sys.argv[2])
 state = {"w": jnp.zeros((4,), jnp.float32), "step": jnp.int32(0)}
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 c = ckpt.Checkpointer(workdir, save_every=1000)
-ckpt.install_sigterm_handler()
 start = 0
 restored = c.restore_latest(abstract)
 if restored is not None:
     start, state, data = restored
     assert data == str(start).encode(), data
     print("resumed", start, float(state["w"][0]), flush=True)
-for step in range(start + 1, start + 100000):
-    state = {"w": state["w"] + 1.0, "step": state["step"] + 1}
-    if step == start + 3:
-        ready.write_text("ok")
-    if ckpt.preemption_requested(step):
-        c.save(step, state, str(step).encode(), force=True)
-        c.wait()
-        print("preempted", step, flush=True)
-        break
-    time.sleep(0.01)
+with ckpt.stop_on_signals():
+    for step in range(start + 1, start + 100000):
+        state = {"w": state["w"] + 1.0, "step": state["step"] + 1}
+        if step == start + 3:
+            ready.write_text("ok")
+        if ckpt.preemption_requested(step):
+            c.save(step, state, str(step).encode(), force=True)
+            c.wait()
+            print("stopped", step, ckpt.stop_reason(), flush=True)
+            break
+        time.sleep(0.01)
 c.close()
 """
 
 
-def _run_until_sigterm(args, env, ready, what):
-    """Starts the loop script, sends SIGTERM once it is ready, returns its stdout."""
+def _run_until_signal(args, env, ready, signum, what):
+    """Starts the loop script, sends `signum` once it is ready, returns its stdout."""
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not ready.exists():
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, f"{what} never started"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     return out
 
 
-def test_sigterm_saves_and_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("signum, reason", [(signal.SIGTERM, "preempted"), (signal.SIGINT, "interrupted")])
+def test_signal_saves_and_rerun_resumes(tmp_path, signum, reason):
     script = tmp_path / "loop.py"
     script.write_text(_LOOP)
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     ready = tmp_path / "ready"
     args = [sys.executable, str(script), str(tmp_path / "run"), str(ready)]
-    out = _run_until_sigterm(args, env, ready, "the loop")
-    saved = int(out.split("preempted")[1].split()[0])
-    assert saved >= 3
+    out = _run_until_signal(args, env, ready, signum, "the loop")
+    saved, said = out.split("stopped")[1].split()[:2]
+    saved = int(saved)
+    assert saved >= 3 and said == reason
     ready.unlink()
-    out = _run_until_sigterm(args, env, ready, "the resumed loop")
+    out = _run_until_signal(args, env, ready, signum, "the resumed loop")
     assert f"resumed {saved} {float(saved)}" in out
-    assert int(out.split("preempted")[1].split()[0]) > saved
+    assert int(out.split("stopped")[1].split()[0]) > saved
 
 
-# Orbax's failed restore leaves array reads behind that raise when collected (below).
-@pytest.mark.filterwarnings("ignore:Exception ignored in.*_read_array_index_and_device_put"
-                            ":pytest.PytestUnraisableExceptionWarning")
+class _Exited(Exception):
+    pass
+
+
+def test_second_ctrl_c_exits_at_once_and_handlers_come_back(monkeypatch, capsys):
+    def exit_now(status):
+        raise _Exited(status)
+
+    monkeypatch.setattr(os, "_exit", exit_now)  # the handler's exit, caught instead of ending pytest
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with ckpt.stop_on_signals():
+        assert not ckpt.preemption_requested(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread between bytecodes
+        assert ckpt.preemption_requested(2) and ckpt.stop_reason() == "interrupted"
+        with pytest.raises(_Exited, match="130"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert not ckpt.preemption_requested(3)
+    assert "Ctrl-C again: stopping now, without saving" in capsys.readouterr().err
+
+
+# Orbax's failed restore leaves array reads behind that raise when collected (below):
+# in their own code or in asyncio's, depending on how far they got.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_mismatched_target_fails_clearly(tmp_path, mesh8):
     state = _state(mesh8)
     with ckpt.Checkpointer(tmp_path, save_every=1, async_save=False) as c:
