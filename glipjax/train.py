@@ -192,6 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         else:
             checkpoint.unpack_loader_state(loader, data_state)
         log.info("resumed from step %d", int(state["step"]))
+
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(workdir, total_steps)
     step = int(state["step"])
