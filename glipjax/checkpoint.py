@@ -40,9 +40,9 @@ import logging
 import os
 import pathlib
 import signal
+import sys
 import tarfile
 import tempfile
-import sys
 import threading
 from typing import Any, Callable, Iterator, Protocol
 
