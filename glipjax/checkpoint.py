@@ -26,7 +26,7 @@ Typical loop (single or multi host):
         for step in range(step + 1, total + 1):
             state = train_step(state, next(loader))
             ckpt.save(step, state, pack_loader_state(loader))   # no-op off the interval
-            if preemption_requested(step):
+            if stop_requested(step):
                 ckpt.save(step, state, pack_loader_state(loader), force=True); ckpt.wait(); break
     ckpt.close()
 """
@@ -43,7 +43,6 @@ import signal
 import sys
 import tarfile
 import tempfile
-import threading
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
@@ -281,22 +280,22 @@ def unpack_loader_state(loader: DirectoryState, blob: bytes) -> None:
         loader.restore(tmp)
 
 
-_stop = threading.Event()
-_stop_reason = "preempted"  # why _stop was set: "preempted" (SIGTERM) or "interrupted" (Ctrl-C)
+_stop_reason: str | None = None  # set by a signal: "preempted" (SIGTERM) or "interrupted" (Ctrl-C)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """While active, SIGTERM (preemption) and a first Ctrl-C (SIGINT) do not kill the
-    process but make `preemption_requested` return True, so the loop can save and exit
+    process but make `stop_requested` return True, so the loop can save and exit
     cleanly; a second Ctrl-C ends the process at once (exit status 130), unsaved: the
     last finished checkpoint stays as it was. The previous handlers come back on exit.
     Enter it from the main thread.
 
     With several processes (jax.distributed), JAX's preemption service already watches
-    for SIGTERM and `preemption_requested(step)` asks it, so all hosts stop on the same
-    step; no handler is installed then, and Ctrl-C keeps its default.
+    for SIGTERM and `stop_requested(step)` asks it, so all hosts stop on the same step;
+    no handler is installed then, and Ctrl-C keeps its default.
     """
+    global _stop_reason
     if jax.process_count() > 1:
         yield
         return
@@ -304,14 +303,13 @@ def stop_on_signals() -> Iterator[None]:
     def on_signal(signum: int, frame: Any) -> None:
         global _stop_reason
         if signum == signal.SIGINT:
-            if _stop.is_set():
+            if _stop_reason is not None:
                 print("Ctrl-C again: stopping now, without saving", file=sys.stderr, flush=True)
                 sys.stdout.flush()
                 os._exit(130)
             print("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, "
                   "without saving)", file=sys.stderr, flush=True)
         _stop_reason = "interrupted" if signum == signal.SIGINT else "preempted"
-        _stop.set()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -319,22 +317,23 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _stop.clear()
+        _stop_reason = None
 
 
-def preemption_requested(step: int) -> bool:
-    """Whether the loop should save `step` now and exit. Call once per step on every host."""
+def stop_requested(step: int) -> bool:
+    """Whether the loop should save `step` now and exit (preemption or Ctrl-C). Call once
+    per step on every host."""
     if jax.process_count() > 1:
         try:
             return bool(multihost_utils.reached_preemption_sync_point(step))
         except RuntimeError:  # the preemption service is disabled
             return False
-    return _stop.is_set()
+    return _stop_reason is not None
 
 
 def stop_reason() -> str:
-    """Why `preemption_requested` said True, for the log: "preempted" or "interrupted"."""
-    return _stop_reason
+    """Why `stop_requested` said True, for the log: "preempted" or "interrupted"."""
+    return _stop_reason or "preempted"
 
 
 def export_params(params: PyTree, directory: str | os.PathLike, *, overwrite: bool = False) -> None:

@@ -213,12 +213,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 pictures = workdir if step == total_steps and jax.process_index() == 0 else None
                 evaluated = _evaluate(config, model, state["params"], data_dir, pictures)
                 writer.write(step, evaluated)
-            preempted = checkpoint.preemption_requested(step) and step < total_steps  # the last step ends anyway
-            if preempted or step % save_every == 0 or step == total_steps or (best and evaluated):
+            stop = checkpoint.stop_requested(step) and step < total_steps  # the last step ends anyway
+            if stop or step % save_every == 0 or step == total_steps or (best and evaluated):
                 check_bad_streak(int(metrics["bad_streak"]), config.train.max_bad_steps, workdir)
                 ckpt.save(step, state, checkpoint.pack_loader_state(loader), metrics=evaluated if best else None,
                           force=True)
-            if preempted:
+            if stop:
                 ckpt.wait()
                 print(f"{checkpoint.stop_reason()} at step {step}: checkpoint saved; rerun the same command to resume",
                       flush=True)

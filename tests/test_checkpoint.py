@@ -251,7 +251,7 @@ with ckpt.stop_on_signals():
         state = {"w": state["w"] + 1.0, "step": state["step"] + 1}
         if step == start + 3:
             ready.write_text("ok")
-        if ckpt.preemption_requested(step):
+        if ckpt.stop_requested(step):
             c.save(step, state, str(step).encode(), force=True)
             c.wait()
             print("stopped", step, ckpt.stop_reason(), flush=True)
@@ -303,15 +303,15 @@ def test_second_ctrl_c_exits_at_once_and_handlers_come_back(monkeypatch, capsys)
     monkeypatch.setattr(os, "_exit", exit_now)  # the handler's exit, caught instead of ending pytest
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with ckpt.stop_on_signals():
-        assert not ckpt.preemption_requested(1)
+        assert not ckpt.stop_requested(1)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # the handler runs in the main thread between bytecodes
-        assert ckpt.preemption_requested(2) and ckpt.stop_reason() == "interrupted"
+        assert ckpt.stop_requested(2) and ckpt.stop_reason() == "interrupted"
         with pytest.raises(_Exited, match="130"):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-    assert not ckpt.preemption_requested(3)
+    assert not ckpt.stop_requested(3)
     assert "Ctrl-C again: stopping now, without saving" in capsys.readouterr().err
 
 
