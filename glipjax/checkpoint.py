@@ -51,13 +51,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from glipjax import paths
+from glipjax import paths, sharding
 
 PyTree = Any
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 BEST_MODES = ("max", "min")
+_SHOWN = 4  # differing arrays named in a mismatch message
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,45 @@ class HostBytes(ocp.args.CheckpointArgs):
     """Save: this process's `blob`. Restore: no fields."""
 
     blob: bytes | None = None
+
+
+class StateMismatch(ValueError):
+    """A checkpoint whose arrays are not those of the state to restore (e.g. a run of
+    another model config); the message names the differences."""
+
+
+def saved_tree(directory: str | os.PathLike) -> PyTree:
+    """The nested dicts of array metadata (shape, dtype) of a tree saved with Orbax's
+    StandardSave or export_params in `directory`, read without its arrays."""
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(directory))
+    return getattr(metadata, "tree", metadata)
+
+
+def tree_differences(expected: PyTree, stored: PyTree) -> list[str]:
+    """How `stored` (array metadata, e.g. `saved_tree`) differs from `expected` (arrays
+    or ShapeDtypeStructs) by leaf path and shape, in words: missing, unexpected and
+    mis-shaped leaves, a few named; empty when they match."""
+    def flat(tree: PyTree) -> dict[str, Any]:
+        return {sharding._path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def saved_shape(leaf: Any) -> tuple[int, ...]:  # a PRNG key is saved as its key data
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        return tuple(leaf.shape)
+
+    want, have = flat(expected), flat(stored)
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(k for k in set(want) & set(have) if saved_shape(want[k]) != tuple(have[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:_SHOWN])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:_SHOWN])})")
+    if shapes:
+        shown = ", ".join(f"{k} {tuple(have[k].shape)} vs {saved_shape(want[k])} expected" for k in shapes[:_SHOWN])
+        problems.append(f"{len(shapes)} of another shape ({shown})")
+    return problems
 
 
 class Checkpointer:
@@ -206,26 +246,33 @@ class Checkpointer:
         `abstract_state` mirrors the saved state with jax.ShapeDtypeStruct leaves whose
         `sharding` says where each restored array goes (any mesh; arrays are resharded
         on read), e.g. `jax.eval_shape` of the init with the shardings attached. A step
-        that fails to restore (damaged files) is logged and skipped for the one before.
+        that fails to restore (damaged files) is logged and skipped for the one before;
+        a step whose arrays differ from `abstract_state` by path or shape raises
+        StateMismatch.
         """
         target = jax.tree.map(_abstract_leaf, abstract_state)
         steps = self.all_steps()
         error: Exception | None = None
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardRestore(target),
-                    DATA_ITEM: HostBytes(),
-                }))
-                return step, restored[STATE_ITEM], restored[DATA_ITEM]
+                # Checked before Orbax reads any array: a mismatch that its restore finds
+                # leaves reads behind that fail noisily, and earlier steps hold the same tree.
+                problems = tree_differences(target, saved_tree(self.directory / str(step) / STATE_ITEM))
+                if not problems:
+                    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                        STATE_ITEM: ocp.args.StandardRestore(target),
+                        DATA_ITEM: HostBytes(),
+                    }))
+                    return step, restored[STATE_ITEM], restored[DATA_ITEM]
             except Exception as e:  # damaged files surface as many error types
                 log.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying an earlier one",
                             step, self.directory, type(e).__name__, e)
                 error = e
+                continue
+            raise StateMismatch(f"checkpoint step {step} in {self.directory} holds another state than the "
+                                f"one to restore; its arrays differ: {'; '.join(problems)}")
         if error is not None:
-            raise RuntimeError(
-                f"None of the checkpoint steps {steps} in {self.directory} could be restored "
-                "(does abstract_state match the saved state?)") from error
+            raise RuntimeError(f"None of the checkpoint steps {steps} in {self.directory} could be restored") from error
         return None
 
     def wait(self) -> None:

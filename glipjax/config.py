@@ -144,3 +144,23 @@ def parse_command_line(
     except ConfigError as e:
         parser.error(str(e))
     return args, config
+
+
+_ABSENT = object()
+
+
+def changed_fields(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields whose values differ between two configs as JSON dicts (e.g. a run's
+    saved config.json and the config of a rerun), as "field: before -> after"; a field
+    that only one of them has is "(absent)" in the other."""
+    def shown(value: Any) -> str:
+        return "(absent)" if value is _ABSENT else repr(value)
+
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key, _ABSENT), after.get(key, _ABSENT)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_fields(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {shown(old)} -> {shown(new)}")
+    return changes

@@ -25,7 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from glipjax import paths, sharding, train_state
+from glipjax import checkpoint, paths, sharding, train_state
 from glipjax.models.glip import GLIP, GLIPConfig
 
 CONFIG_FILE = "config.json"
@@ -34,7 +34,6 @@ PARAMS_DIR = "params"
 TEXT_ENCODER_DIR = "text_encoder"  # an export's copy of the text encoder's config.json
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
-_SHOWN = 4  # differing params named in a mismatch error
 
 
 class RunError(ValueError):
@@ -86,39 +85,20 @@ def model_summary(config: ml_collections.ConfigDict) -> str:
     return f"model.{{{fields}}}, data.max_text_len={config.data.max_text_len}"
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    return {sharding._path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def check_params_match(expected: Any, stored: Any, config: ml_collections.ConfigDict, where: str) -> None:
     """Raises RunError naming missing, unexpected and mis-shaped params when the stored
     tree (shapes from Orbax metadata) is not the tree the config's model expects."""
-    want, have = _flat(expected), _flat(stored)
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = sorted(k for k in set(want) & set(have) if tuple(want[k].shape) != tuple(have[k].shape))
-    if not (missing or unexpected or shapes):
-        return
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:_SHOWN])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:_SHOWN])})")
-    if shapes:
-        shown = ", ".join(f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)} expected" for k in shapes[:_SHOWN])
-        problems.append(f"{len(shapes)} of another shape ({shown})")
-    raise RunError(f"{where} does not hold params of the model in its {CONFIG_FILE} "
-                   f"({model_summary(config)}): {'; '.join(problems)}. Was the directory written "
-                   f"with another config?")
+    if problems := checkpoint.tree_differences(expected, stored):
+        raise RunError(f"{where} does not hold params of the model in its {CONFIG_FILE} "
+                       f"({model_summary(config)}): {'; '.join(problems)}. Was the directory written "
+                       f"with another config?")
 
 
 def _metadata(directory: epath.Path) -> Any:
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(directory).item_metadata
+        return checkpoint.saved_tree(directory)
     except Exception as e:  # unreadable or damaged files surface as many error types
         raise RunError(f"cannot read the checkpoint at {directory}: {type(e).__name__}: {e}") from e
-    return getattr(metadata, "tree", metadata)  # the nested dicts of the saved tree
 
 
 def _restore(directory: epath.Path, target: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,13 @@
 """Training: python -m glipjax.train --config configs/X.py[:variant] --workdir DIR [--config.a=b ...]
 
-Read top to bottom: logging and hosts, mesh, input, model with optimizer and update
-step (glipjax.train_state), the sharded state (resumed or new), loop with metrics,
-checkpoints and evaluation, final report. Rerunning the same command resumes from the last checkpoint in DIR.
+Read top to bottom: logging and hosts, the workdir's checkpoints, mesh, model and
+optimizer (glipjax.train_state), the sharded state (resumed or new) beside the input,
+the update step, loop with metrics, checkpoints and evaluation, final report.
+
+Rerunning the same command resumes from the last checkpoint in DIR; a rerun with
+other config fields resumes too, logs them and keeps the run's earlier config.json as
+config_to_step_<step>.json, unless the fields change the state's arrays (then it stops
+and names them). A run that has finished says so and exits.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from glipjax import allocator, aot, checkpoint, logs, paths, sharding, train_state
-from glipjax.config import parse_command_line
+from glipjax import allocator, aot, checkpoint, logs, paths, runs, sharding, train_state
+from glipjax.config import changed_fields, parse_command_line
 from glipjax.models.glip import GLIP
 
 log = logging.getLogger("glipjax.train")
@@ -129,47 +134,88 @@ def check_bad_streak(streak: int, limit: int, workdir: epath.Path) -> None:
             f"last finite checkpoint kept in {workdir}")
 
 
+def _finished(workdir: epath.Path, last_step: int, total_steps: int) -> dict[str, Any]:
+    """A rerun of a finished run: says so and returns its final evaluation (if any)."""
+    print(f"{workdir} has finished: its last checkpoint is step {last_step}, and train.steps is {total_steps}. "
+          "To train on, rerun with a larger --config.train.steps.", flush=True)
+    report = workdir / "eval.json"
+    return json.loads(report.read_text()) if report.exists() else {}
+
+
+def _config_changes(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
+    """The fields in which `config` differs from the config.json of the run in `workdir`."""
+    saved = workdir / runs.CONFIG_FILE
+    if not saved.exists():
+        return []
+    return changed_fields(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path, changes: list[str], step: int) -> None:
+    """Writes the run's config.json (process 0). A run resumed at `step` with `changes`
+    keeps the config it had as config_to_step_<step>.json and logs the changes."""
+    if jax.process_index() != 0:
+        return
+    saved = workdir / runs.CONFIG_FILE
+    if changes:
+        earlier = workdir / f"config_to_step_{step}.json"
+        earlier.write_text(saved.read_text())
+        log.warning("resuming at step %d with a config that differs from the run's %s in: %s (the earlier "
+                    "config is kept as %s)", step, runs.CONFIG_FILE, "; ".join(changes), earlier.name)
+    saved.write_text(config.to_json_best_effort(indent=2))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir` (a local path or a gs:// URI); returns
     the final metrics."""
     workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     total_steps = config.train.steps
+
+    # ---------------------------------------------------------------- checkpoints: a rerun resumes
+    save_every = config.checkpoint.save_every
+    best = config.checkpoint.get("best_metric") or None
+    ckpt = checkpoint.Checkpointer(workdir, save_every=save_every, keep=config.checkpoint.keep, best_metric=best,
+                                   best_mode=config.checkpoint.get("best_mode", "max"),
+                                   keep_best=config.checkpoint.get("keep_best", 1))
+    saved_steps = ckpt.all_steps()
+    if saved_steps and saved_steps[-1] >= total_steps:
+        ckpt.close()
+        return _finished(workdir, saved_steps[-1], total_steps)
+    changes = _config_changes(config, workdir) if saved_steps else []
 
     # ---------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(dict(config.sharding.mesh))
     rules = sharding.rules_from_config(config)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
+    # ---------------------------------------------------------------- model and optimizer
+    model, glip_config, text_params = train_state.build_model(config)
+    tx, schedule = train_state.make_tx(config)
+    abstract = train_state.abstract_state(config, model, tx, mesh, rules)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
+    log.info("model %s: %s parameters", config.model.preset, f"{n_params:,}")
+
+    # ---------------------------------------------------------------- resumed state
+    # Read before the input opens: a checkpoint of another config stops the run here.
+    try:
+        restored = ckpt.restore_latest(abstract)
+    except checkpoint.StateMismatch as e:
+        changed = "; ".join(changes) or "none"
+        raise runs.RunError(
+            f"cannot resume {workdir} with this config: {e}. Config fields changed since the run's "
+            f"{runs.CONFIG_FILE}: {changed}. Rerun with the run's own config, choose another --workdir, or "
+            f"start a new run from its params with --config.train.init_from={workdir}") from None
+
     # ---------------------------------------------------------------- input, opened in the background
     # Opening the input builds a TFDS dataset on first use (the demo's shapes: about
-    # half a minute); it runs while the step below compiles and the state is created.
+    # half a minute); it runs while the state is made and the step below compiles.
     from glipjax.data.pipeline import DataLoader
 
     data_dir = paths.data_dir(config, workdir)
     loader_future = _in_background(DataLoader, config, data_dir, mesh=mesh, rules=rules)
     batch_size = config.data.batch_size
 
-    # ---------------------------------------------------------------- model, optimizer, compiled update step
-    model, glip_config, text_params = train_state.build_model(config)
-    tx, schedule = train_state.make_tx(config)
-    abstract = train_state.abstract_state(config, model, tx, mesh, rules)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
-    log.info("model %s: %s parameters; compiling the update step", config.model.preset, f"{n_params:,}")
-    step_fn = train_state.jit_train_step(config, model, glip_config, tx, schedule, abstract, mesh, rules)
-    if loader_future.done():
-        loader_future.result()  # a bad input config stops the run here, before the compile
-    with sharding.sharding_context(mesh, rules):
-        step_fn = step_fn.compile(abstract, aot.abstract_batch(config, mesh, rules))
-
-    # ---------------------------------------------------------------- sharded state: resumed or new
-    save_every = config.checkpoint.save_every
-    best = config.checkpoint.get("best_metric") or None
-    ckpt = checkpoint.Checkpointer(workdir, save_every=save_every, keep=config.checkpoint.keep, best_metric=best,
-                                   best_mode=config.checkpoint.get("best_mode", "max"),
-                                   keep_best=config.checkpoint.get("keep_best", 1))
-    restored = ckpt.restore_latest(abstract)
+    # ---------------------------------------------------------------- new state, unless resumed
     if restored is not None:
         _, state, data_state = restored
     else:
@@ -184,6 +230,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         else:
             text = ", the text encoder's from its pretrained weights" if text_params is not None else ""
             log.info("params initialised at random (seed %d)%s; no train.init_from", config.seed, text)
+    _write_config(config, workdir, changes, int(state["step"]))
+
+    # ---------------------------------------------------------------- the compiled update step
+    log.info("compiling the update step")
+    step_fn = train_state.jit_train_step(config, model, glip_config, tx, schedule, abstract, mesh, rules)
+    if loader_future.done():
+        loader_future.result()  # a bad input config stops the run here, before the compile
+    with sharding.sharding_context(mesh, rules):
+        step_fn = step_fn.compile(abstract, aot.abstract_batch(config, mesh, rules))
     loader = loader_future.result()
     if restored is not None:
         if data_state is None:
@@ -248,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if advice := allocator.hint():
             log.info(advice)
     paths.enable_compilation_cache()
-    train(config, args.workdir)
+    try:
+        train(config, args.workdir)
+    except runs.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Config files, variants, overrides and their errors."""
+"""Config files, variants, overrides and their errors; the fields two configs differ in."""
 
 import argparse
 import pathlib
 
 import pytest
 
-from glipjax.config import ConfigError, load_config, parse_command_line
+from glipjax.config import ConfigError, changed_fields, load_config, parse_command_line
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
 
@@ -69,3 +69,11 @@ def test_command_line_forms(capsys):
     with pytest.raises(SystemExit):
         parse_command_line(argparse.ArgumentParser(), ["--config", "configs/demo.py", "--config.data.nope=1"])
     assert "Unknown config field: data.nope" in capsys.readouterr().err
+
+
+def test_changed_fields_lists_nested_added_and_removed_fields():
+    before = {"a": 1, "g": {"x": [1, 2], "y": "s"}, "old": 3}
+    after = {"a": 1, "g": {"x": [1, 3], "y": "s"}, "new": {"z": 0}}
+    assert changed_fields(before, after) == ["g.x: [1, 2] -> [1, 3]", "new: (absent) -> {'z': 0}",
+                                             "old: 3 -> (absent)"]
+    assert changed_fields(before, before) == []

@@ -1,18 +1,22 @@
 """The training loop's own parts: the progress and metrics writer, the stop after too
-many consecutive non-finite steps (alone, and in a training run fed NaN images), and
-the input's errors, raised while it opens in the background."""
+many consecutive non-finite steps (alone, and in a training run fed NaN images), the
+input's errors, raised while it opens in the background, and reruns in a workdir that
+holds a run: finished, of another model, or with other fields."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from etils import epath
 
-from conftest import REPO, SMALL_TRAIN, child_env
-from glipjax import train
+from conftest import REPO, SMALL_TRAIN, TRAIN_STEPS, child_env
+from glipjax import runs, train
 from glipjax.config import load_config
 from glipjax.train import MetricWriter, check_bad_streak
 
@@ -86,3 +90,58 @@ def test_metric_writer_logs_rate_eta_jsonl_and_tensorboard(tmp_path, capsys):
     assert lines[0] == "step 2/10 loss 2.5"
     assert lines[1].startswith("step 4/10 loss 2 images_per_s ") and " eta " in lines[1]
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+
+
+# The config of the shared tiny_run (conftest).
+TINY_RUN = ("configs/demo.py:tiny", [*SMALL_TRAIN, "--config.eval.splits=()", "--config.checkpoint.save_every=100"])
+
+
+def _no(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} should not have happened")
+    return fail
+
+
+def test_rerun_of_a_finished_run_says_so_and_changes_nothing(tiny_run, monkeypatch, capsys):
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    monkeypatch.setattr(train.train_state, "build_model", _no("building the model"))
+    assert train.train(load_config(*TINY_RUN), tiny_run) == {}  # tiny_run evaluates nothing
+    assert capsys.readouterr().out == (
+        f"{tiny_run} has finished: its last checkpoint is step {TRAIN_STEPS}, and train.steps is {TRAIN_STEPS}. "
+        "To train on, rerun with a larger --config.train.steps.\n")
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")} == before
+
+
+def test_resume_with_another_model_stops_naming_the_fields(tiny_run, tmp_path, monkeypatch):
+    """Before any array is read or the input opens; the run's config.json stays."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir, copy_function=os.link)
+    saved = (workdir / "config.json").read_text()
+    name, overrides = TINY_RUN
+    config = load_config(name, [*overrides, f"--config.train.steps={TRAIN_STEPS + 2}",
+                                "--config.model.fusion_embed_dim=32"])
+    monkeypatch.setattr(train, "_in_background", _no("opening the input"))
+    with pytest.raises(runs.RunError) as raised:
+        train.train(config, workdir)
+    message = str(raised.value)
+    assert f"cannot resume {workdir} with this config: checkpoint step {TRAIN_STEPS} in" in message
+    assert "of another shape (" in message and "vs (32," in message
+    assert (f"Config fields changed since the run's config.json: model.fusion_embed_dim: 64 -> 32; "
+            f"train.steps: {TRAIN_STEPS} -> {TRAIN_STEPS + 2}.") in message
+    assert f"--config.train.init_from={workdir}" in message
+    assert (workdir / "config.json").read_text() == saved
+
+
+def test_resume_with_other_fields_keeps_the_earlier_config(tmp_path, caplog):
+    workdir = epath.Path(tmp_path)
+    first = load_config("configs/demo.py:tiny")
+    train._write_config(first, workdir, [], 0)
+    second = load_config("configs/demo.py:tiny", ["--config.train.steps=900", "--config.optim.lr=0.001"])
+    changes = train._config_changes(second, workdir)
+    assert changes == [f"optim.lr: {first.optim.lr!r} -> 0.001", f"train.steps: {first.train.steps} -> 900"]
+    with caplog.at_level(logging.WARNING, logger="glipjax.train"):
+        train._write_config(second, workdir, changes, 40)
+    assert json.loads((workdir / "config_to_step_40.json").read_text()) == json.loads(first.to_json_best_effort())
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(second.to_json_best_effort())
+    assert "resuming at step 40 with a config that differs from the run's config.json in: optim.lr" in caplog.text
+
