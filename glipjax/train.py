@@ -195,8 +195,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract["params"]))
     log.info("model %s: %s parameters", config.model.preset, f"{n_params:,}")
 
-    # ---------------------------------------------------------------- resumed state
-    # Read before the input opens: a checkpoint of another config stops the run here.
+    # ---------------------------------------------------------------- resumed state, or the params to start from
+    # Read before the input opens: a checkpoint of another config, or a train.init_from
+    # of another model, stops the run here.
     try:
         restored = ckpt.restore_latest(abstract)
     except checkpoint.StateMismatch as e:
@@ -205,6 +206,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             f"cannot resume {workdir} with this config: {e}. Config fields changed since the run's "
             f"{runs.CONFIG_FILE}: {changed}. Rerun with the run's own config, choose another --workdir, or "
             f"start a new run from its params with --config.train.init_from={workdir}") from None
+    init_from = config.train.get("init_from") if restored is None else None
+    if init_from:
+        from glipjax import warm_start
+
+        init_params = warm_start.source_params(config)
 
     # ---------------------------------------------------------------- input, opened in the background
     # Opening the input builds a TFDS dataset on first use (the demo's shapes: about
@@ -220,13 +226,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         _, state, data_state = restored
     else:
         state = train_state.init_state(config, model, tx, mesh, rules, text_params, abstract)
-        if config.train.get("init_from"):
-            from glipjax import warm_start
-
-            state["params"] = warm_start.merge(state["params"], warm_start.source_params(config))
+        if init_from:
+            state["params"] = warm_start.merge(state["params"], init_params)
+            del init_params
             if config.optim.ema_decay:
                 state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
-            log.info("params initialised from %s", config.train.init_from)
+            log.info("params initialised from %s", init_from)
         else:
             text = ", the text encoder's from its pretrained weights" if text_params is not None else ""
             log.info("params initialised at random (seed %d)%s; no train.init_from", config.seed, text)

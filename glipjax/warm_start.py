@@ -48,14 +48,14 @@ def source_params(config: ml_collections.ConfigDict) -> Any:
     source = config.train.init_from
     if source.endswith(".pth"):
         if not config.train.get("init_yaml"):
-            raise ValueError(f"train.init_from={source!r} is an official GLIP checkpoint: set train.init_yaml "
-                             "to its config yaml (e.g. glip_Swin_T_O365_GoldG.yaml)")
+            raise runs.RunError(f"train.init_from={source!r} is an official GLIP checkpoint: set train.init_yaml "
+                                "to its config yaml (e.g. glip_Swin_T_O365_GoldG.yaml)")
         return convert.load_official_glip(source, config.train.init_yaml)[1]
     run = runs.load_run(source)
     differ = _differing_fields(config, run.config)
     if differ:
-        raise ValueError(f"train.init_from={source!r} holds another model; set these fields as in the source: "
-                         + "; ".join(differ))
+        raise runs.RunError(f"train.init_from={source!r} holds another model; set these fields as in the source: "
+                            + "; ".join(differ))
     return run.params
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import train_in_child
-from glipjax import warm_start
+from glipjax import train, warm_start
 from glipjax.config import load_config
-from glipjax.runs import load_run, read_config
+from glipjax.runs import RunError, load_run, read_config
 
 FIXTURES = "tests/fixtures"
 
@@ -50,11 +50,16 @@ def _finetune_overrides(source, init_from) -> list[str]:
     return [f"--config.{key}={value}" for key, value in fields]
 
 
-def test_init_from_another_model_names_the_fields(tiny_run):
-    config = load_config("configs/finetune.py:prompt", _finetune_overrides(read_config(tiny_run), tiny_run))
-    config.model.fusion_heads = 4
-    with pytest.raises(ValueError, match="model.fusion_heads: 8 in the source, 4 here"):
-        warm_start.source_params(config)
+def test_init_from_another_model_names_the_fields_before_the_input_opens(tiny_run, tmp_path, monkeypatch):
+    config = load_config("configs/finetune.py:prompt", [*_finetune_overrides(read_config(tiny_run), tiny_run),
+                                                        "--config.model.fusion_heads=4"])
+
+    def no_input(*args, **kwargs):
+        raise AssertionError("the input was opened")
+
+    monkeypatch.setattr(train, "_in_background", no_input)
+    with pytest.raises(RunError, match="model.fusion_heads: 8 in the source, 4 here"):
+        train.train(config, tmp_path)
 
 
 def test_a_field_newer_than_the_source_run_reads_as_its_default():
