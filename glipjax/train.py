@@ -201,11 +201,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     try:
         restored = ckpt.restore_latest(abstract)
     except checkpoint.StateMismatch as e:
-        changed = "; ".join(changes) or "none"
-        raise runs.RunError(
-            f"cannot resume {workdir} with this config: {e}. Config fields changed since the run's "
-            f"{runs.CONFIG_FILE}: {changed}. Rerun with the run's own config, choose another --workdir, or "
-            f"start a new run from its params with --config.train.init_from={workdir}") from None
+        why = (f"Config fields changed since the run's {runs.CONFIG_FILE}: {'; '.join(changes)}. Rerun with the "
+               "run's own config, choose another --workdir, or" if changes else
+               f"The config is the run's own {runs.CONFIG_FILE}, so another version of glipjax wrote the "
+               "checkpoint. Choose another --workdir, or")
+        raise runs.RunError(f"cannot resume {workdir} with this config: {e}. {why} start a new run from its "
+                            f"params with --config.train.init_from={workdir}") from None
     init_from = config.train.get("init_from") if restored is None else None
     if init_from:
         from glipjax import warm_start

@@ -115,7 +115,8 @@ def test_rerun_of_a_finished_run_says_so_and_changes_nothing(tiny_run, monkeypat
 def test_resume_with_another_model_stops_naming_the_fields(tiny_run, tmp_path, monkeypatch):
     """Before any array is read or the input opens; the run's config.json stays."""
     workdir = tmp_path / "run"
-    shutil.copytree(tiny_run, workdir, copy_function=os.link)
+    shutil.copytree(tiny_run / "checkpoints", workdir / "checkpoints", copy_function=os.link)  # only read
+    shutil.copy(tiny_run / "config.json", workdir)
     saved = (workdir / "config.json").read_text()
     name, overrides = TINY_RUN
     config = load_config(name, [*overrides, f"--config.train.steps={TRAIN_STEPS + 2}",
@@ -127,9 +128,14 @@ def test_resume_with_another_model_stops_naming_the_fields(tiny_run, tmp_path, m
     assert f"cannot resume {workdir} with this config: checkpoint step {TRAIN_STEPS} in" in message
     assert "of another shape (" in message and "vs (32," in message
     assert (f"Config fields changed since the run's config.json: model.fusion_embed_dim: 64 -> 32; "
-            f"train.steps: {TRAIN_STEPS} -> {TRAIN_STEPS + 2}.") in message
+            f"train.steps: {TRAIN_STEPS} -> {TRAIN_STEPS + 2}. Rerun with the run's own config") in message
     assert f"--config.train.init_from={workdir}" in message
     assert (workdir / "config.json").read_text() == saved
+
+    # The same config as the run's, and still other arrays: a checkpoint of another version.
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    with pytest.raises(runs.RunError, match="The config is the run's own config.json, so another version"):
+        train.train(config, workdir)
 
 
 def test_resume_with_other_fields_keeps_the_earlier_config(tmp_path, caplog):
