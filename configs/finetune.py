@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0
+    # The evaluator's sets evaluated every eval.every steps and at the end, e.g. ("coco",)
+    # with eval.coco.annotations and eval.coco.images: your validation set.
+    c.eval.datasets = ()
     c.eval.splits = ()
     c.eval.prompt_modes = ()
     c.eval.max_images = 0
@@ -103,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.save_every = 500
     c.checkpoint.keep = 2
     # Also keep the keep_best evaluated steps with the best value of this eval metric
-    # (e.g. "validation/true/AP50"; needs evaluations: eval.every). "" turns it off.
+    # (e.g. "coco/AP"; needs evaluations: eval.every). "" turns it off.
     c.checkpoint.best_metric = ""
     c.checkpoint.best_mode = "max"
     c.checkpoint.keep_best = 1

@@ -84,7 +84,7 @@ def _paths(config: ml_collections.ConfigDict, name: str) -> tuple[str, str]:
     return group.annotations, group.images
 
 
-def _check_paths(config: ml_collections.ConfigDict, names: Sequence[str]) -> None:
+def check_paths(config: ml_collections.ConfigDict, names: Sequence[str]) -> None:
     """Fails before any model is loaded when a dataset lacks its paths."""
     for name in names:
         if name in ("coco", "lvis", "flickr"):
@@ -101,7 +101,7 @@ def evaluate(config: ml_collections.ConfigDict, run: Run, names: Sequence[str], 
     from glipjax.data.tokenizer import load_tokenizer
     from glipjax.eval import datasets
 
-    _check_paths(config, names)
+    check_paths(config, names)
     global_batch = config.eval.batch_size or config.data.batch_size
     if global_batch % jax.process_count():
         raise ValueError(f"batch size {global_batch} is not divisible by the {jax.process_count()} processes")
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         names = parse_datasets(args.dataset)
         if args.max_images is not None and args.max_images < 1:
             raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
-        _check_paths(config, names)
+        check_paths(config, names)
     except ValueError as e:
         parser.error(str(e))
     checkpoint = paths.as_path(args.checkpoint)

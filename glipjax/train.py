@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from glipjax import allocator, aot, checkpoint, logs, paths, runs, sharding, train_state
+from glipjax import allocator, aot, checkpoint, logs, paths, runs, sharding, train_eval, train_state
 from glipjax.config import changed_fields, parse_command_line
-from glipjax.models.glip import GLIP
 
 log = logging.getLogger("glipjax.train")
 
@@ -46,26 +45,6 @@ def _initialize_hosts(args: argparse.Namespace) -> None:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID"):
         jax.distributed.initialize()
-
-
-def _evaluate(config: ml_collections.ConfigDict, model: GLIP, params: Any, data_dir: epath.Path,
-              pictures: epath.Path | None = None) -> dict[str, float]:
-    """The configured evaluations (today: the shapes splits, with the true prompt and the
-    swapped-colour control), flattened as "<split>/<mode>/<metric>". With `pictures`, the
-    true-prompt predictions of each split are drawn to <pictures>/predictions_<split>.png."""
-    from glipjax.eval.shapes import evaluate_shapes
-
-    results: dict[str, float] = {}
-    max_images = config.eval.max_images or None
-    for split in config.eval.splits:
-        for mode in config.eval.prompt_modes:
-            picture = pictures / f"predictions_{split}.png" if pictures is not None and mode == "true" else None
-            report = evaluate_shapes(model, params, config, data_dir, split, mode, max_images, progress=False,
-                                     picture=picture)
-            for key in ("AP", "AP50", "novel_AP", "novel_AP50", "found", "color_right", "shape_right"):
-                if key in report:
-                    results[f"{split}/{mode}/{key}"] = float(report[key])
-    return results
 
 
 class MetricWriter:
@@ -170,6 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     total_steps = config.train.steps
+    train_eval.datasets(config)  # a dataset without its paths stops the run here
 
     # ---------------------------------------------------------------- checkpoints: a rerun resumes
     save_every = config.checkpoint.save_every
@@ -270,9 +250,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             if step % config.train.log_every == 0 or step == total_steps:
                 writer.write(step, {k: float(v) for k, v in metrics.items()}, images_per_step=batch_size)
             evaluated = None
-            if config.eval.splits and (step == total_steps or (config.eval.every and step % config.eval.every == 0)):
+            if train_eval.enabled(config) and (
+                    step == total_steps or (config.eval.every and step % config.eval.every == 0)):
                 pictures = workdir if step == total_steps and jax.process_index() == 0 else None
-                evaluated = _evaluate(config, model, state["params"], data_dir, pictures)
+                evaluated = train_eval.evaluate(config, model, glip_config, state["params"], step, mesh, data_dir,
+                                                pictures)
                 writer.write(step, evaluated)
             stop = checkpoint.stop_requested(step) and step < total_steps  # the last step ends anyway
             if stop or step % save_every == 0 or step == total_steps or (best and evaluated):
@@ -301,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--coordinator", help="multi-host: address:port of process 0")
     parser.add_argument("--num-processes", type=int, default=0, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index")
-    args, config = parse_command_line(parser, argv)
+    args, config = parse_command_line(parser, argv, train_eval.default_fields())
     logs.to_console()
     _initialize_hosts(args)
     if jax.default_backend() == "cpu":

@@ -73,3 +73,48 @@ def test_two_processes_match_one(tmp_path):
     for result in (*single, *double):
         nan_step = result["nan_step"]
         assert np.isnan(nan_step["loss"]) and nan_step["bad_steps"] == 1 and nan_step["params_kept"], nan_step
+
+
+_EVAL_WORKER = """
+import json, sys
+import jax
+import numpy as np
+port, pid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if count > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
+from etils import epath
+from glipjax import sharding, train_eval, train_state
+from glipjax.config import load_config
+config = load_config("configs/demo.py:tiny", [*%(small_train)r, "--config.eval.splits=()",
+                     "--config.eval.coco.annotations=tests/fixtures/coco_instances.json",
+                     "--config.eval.coco.images=tests/fixtures/images", "--config.eval.datasets=('coco',)",
+                     "--config.data.batch_size=2"], train_eval.default_fields())
+mesh = sharding.make_mesh({"fsdp": -1})  # the params split over both processes
+rules = sharding.rules_from_config(config)
+model, glip_config, _ = train_state.build_model(config)
+tx, _ = train_state.make_tx(config)
+params = train_state.init_state(config, model, tx, mesh, rules)["params"]
+local, _ = train_eval._on_local_devices(params, mesh)
+checksum = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(local)))
+data_dir = epath.Path(%(data_dir)r) / f"{count}-{pid}"  # its own, as on a host with a local disk
+results = train_eval.evaluate(config, model, glip_config, params, 0, mesh, data_dir)
+print(json.dumps(dict(results, checksum=checksum)))
+"""
+
+
+@pytest.mark.slow
+def test_evaluator_sets_during_two_process_training_match_one(tmp_path):
+    """Each process gets the whole params (fsdp-split over both: the same as one
+    process's, by their checksum) and evaluates half the set; the metrics (of an
+    untrained model, so mostly zero) are gathered to both."""
+    script = tmp_path / "eval_worker.py"
+    script.write_text(_EVAL_WORKER % {"small_train": list(SMALL_TRAIN), "data_dir": str(tmp_path / "data")})
+    (single,), double = spawn_workers(script, [1, 2])
+    for result in (single, *double):
+        del result["coco/seconds"]
+    np.testing.assert_equal(double[0], double[1])  # gathered to every process
+    assert single["coco/num_images"] == 4
+    assert double[0].keys() == single.keys()
+    for key, value in single.items():
+        np.testing.assert_allclose(double[0][key], value, rtol=1e-5, err_msg=key)

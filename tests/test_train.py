@@ -1,12 +1,16 @@
 """The training command end to end: a run that is preempted (SIGTERM) and resumed
 ends with bit-identical params to an uninterrupted run of the same steps (the shared
 tiny_run: periodic evaluation changes no param); periodic evaluation keeps the best
-evaluated checkpoint beside the latest, also across the resume."""
+evaluated checkpoint beside the latest, also across the resume; the evaluator's sets
+(eval.datasets) give the figures of `python -m glipjax.evaluate`."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import SMALL_TRAIN, TRAIN_STEPS as STEPS, child_env
+from conftest import REPO, SMALL_TRAIN, TRAIN_STEPS as STEPS, child_env, train_in_child
 from glipjax.checkpoint import load_params
 
 OVERRIDES = [
@@ -88,3 +92,33 @@ def test_sigterm_resume_matches_uninterrupted_run(tmp_path, repo_root, tiny_run)
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_evaluator_sets_during_training_give_the_evaluate_commands_figures(tiny_run, tmp_path):
+    """tiny_run resumed for one more step evaluates the fixture COCO set at its end."""
+    workdir = tmp_path / "run"
+    for part in ("checkpoints", "tfds"):  # only read: hard links
+        shutil.copytree(tiny_run / part, workdir / part, copy_function=os.link)
+    shutil.copy(tiny_run / "config.json", workdir)
+    coco = ["--config.eval.coco.annotations=tests/fixtures/coco_instances.json",
+            "--config.eval.coco.images=tests/fixtures/images"]
+    logged = train_in_child("configs/demo.py:tiny", workdir, *SMALL_TRAIN, "--config.eval.splits=()",
+                            "--config.checkpoint.save_every=100", f"--config.train.steps={STEPS + 1}", *coco,
+                            "--config.eval.datasets=('coco',)", "--config.checkpoint.best_metric=coco/AP50")
+    evaluated = json.loads((workdir / "eval.json").read_text())
+    assert evaluated["coco/num_images"] == 4 and logged[-1] == {"step": STEPS + 1, **evaluated}
+
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "glipjax.evaluate", "--config", "configs/demo.py:tiny", *SMALL_TRAIN, *coco,
+               "--checkpoint", str(workdir), "--dataset", "coco", "--out", str(report)]
+    result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.loads(report.read_text())["datasets"]["coco"]
+    assert expected["num_images"] == 4
+    for key, value in expected.items():
+        if key in ("seconds", "dropped"):
+            continue
+        mine = evaluated[f"coco/{key}"]
+        assert (value is None and math.isnan(mine)) or mine == value, (key, mine, value)
+    assert evaluated["coco/dropped/boxes/iscrowd"] == expected["dropped"]["boxes/iscrowd"]

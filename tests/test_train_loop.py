@@ -16,7 +16,7 @@ import pytest
 from etils import epath
 
 from conftest import REPO, SMALL_TRAIN, TRAIN_STEPS, child_env
-from glipjax import runs, train
+from glipjax import runs, train, train_eval
 from glipjax.config import load_config
 from glipjax.train import MetricWriter, check_bad_streak
 
@@ -92,7 +92,7 @@ def test_metric_writer_logs_rate_eta_jsonl_and_tensorboard(tmp_path, capsys):
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
 
 
-# The config of the shared tiny_run (conftest).
+# The config file and overrides of the shared tiny_run (conftest); the command adds train_eval.default_fields().
 TINY_RUN = ("configs/demo.py:tiny", [*SMALL_TRAIN, "--config.eval.splits=()", "--config.checkpoint.save_every=100"])
 
 
@@ -105,7 +105,7 @@ def _no(what: str):
 def test_rerun_of_a_finished_run_says_so_and_changes_nothing(tiny_run, monkeypatch, capsys):
     before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
     monkeypatch.setattr(train.train_state, "build_model", _no("building the model"))
-    assert train.train(load_config(*TINY_RUN), tiny_run) == {}  # tiny_run evaluates nothing
+    assert train.train(load_config(*TINY_RUN, train_eval.default_fields()), tiny_run) == {}  # tiny_run evaluates nothing
     assert capsys.readouterr().out == (
         f"{tiny_run} has finished: its last checkpoint is step {TRAIN_STEPS}, and train.steps is {TRAIN_STEPS}. "
         "To train on, rerun with a larger --config.train.steps.\n")
@@ -120,7 +120,7 @@ def test_resume_with_another_model_stops_naming_the_fields(tiny_run, tmp_path, m
     saved = (workdir / "config.json").read_text()
     name, overrides = TINY_RUN
     config = load_config(name, [*overrides, f"--config.train.steps={TRAIN_STEPS + 2}",
-                                "--config.model.fusion_embed_dim=32"])
+                                "--config.model.fusion_embed_dim=32"], train_eval.default_fields())
     monkeypatch.setattr(train, "_in_background", _no("opening the input"))
     with pytest.raises(runs.RunError) as raised:
         train.train(config, workdir)
